@@ -1,0 +1,193 @@
+"""The e2e harness: run real vLLM engines and transformers on the same saved
+checkpoint, and compare what they say.
+
+Every comparison helper lives here so that the FlashComm2 accuracy tests use
+exactly the same criteria as the vLLM-vs-transformers baseline:
+
+- ``assert_prompt_logprobs_close``: the log-probability each side assigns to
+  every actual prompt token agrees within ``atol`` (nats).
+- ``assert_greedy_close``: vLLM's ``check_logprobs_close`` rule for greedy
+  continuations: identical token ids, or, at the first divergence, each side's
+  token is in the other's top-k there (after which the sequences may differ).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# fp32 everywhere; measured worst prompt-logprob gap between vLLM CPU and
+# transformers on the tiny models is ~1e-5, so 2e-3 nats leaves margin for
+# reduction-order differences without hiding a real bug (a wrong rope or a
+# wrong shard moves logprobs by > 0.1).
+PROMPT_LOGPROB_ATOL = 2e-3
+
+
+def omp_bind(world_size: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for a 2-core machine: one core per rank."""
+    if world_size == 1:
+        return "0-1" if (os.cpu_count() or 1) > 1 else "0"
+    return "|".join(str(r % max(1, os.cpu_count() or 1)) for r in range(world_size))
+
+
+def base_env(world_size: int) -> dict[str, str]:
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": omp_bind(world_size),
+        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
+    return env
+
+
+# Env flags that must never leak from the caller into a "flags off" run.
+_FEATURE_ENV = (
+    "VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE",
+    "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED",
+    "VLLM_ASCEND_FLASHCOMM2_OSHARED_PREFETCH_STEP",
+)
+
+
+@dataclass
+class EngineResult:
+    outputs: list[dict]
+    rpc: dict
+    log: str
+
+
+def run_vllm(model: str | Path, prompts: list[list[int]], *, tp: int = 1, pp: int = 1,
+             env: dict[str, str] | None = None, max_tokens: int = 8, num_logprobs: int = 5,
+             enforce_eager: bool = True, llm_kwargs: dict | None = None,
+             collective_rpc: list[str] | None = None, timeout: int = 600) -> EngineResult:
+    """Run one offline engine in a fresh process; return its logprobs."""
+    world = tp * pp
+    spec = {
+        "model": str(model), "tp": tp, "pp": pp, "prompts": prompts,
+        "max_tokens": max_tokens, "num_logprobs": num_logprobs,
+        "enforce_eager": enforce_eager, "llm_kwargs": llm_kwargs or {},
+        "collective_rpc": collective_rpc or [],
+        "env": {},
+    }
+    proc_env = {k: v for k, v in os.environ.items() if k not in _FEATURE_ENV}
+    proc_env.update(base_env(world))
+    proc_env.update(env or {})
+    with tempfile.TemporaryDirectory() as td:
+        spec_path, out_path = Path(td) / "spec.json", Path(td) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "run_vllm.py"), str(spec_path), str(out_path)],
+            env=proc_env, capture_output=True, text=True, timeout=timeout,
+        )
+        log = proc.stdout + proc.stderr
+        if proc.returncode != 0 or not out_path.exists():
+            raise RuntimeError(
+                f"vLLM run failed (rc={proc.returncode}, tp={tp}, pp={pp}, env={env}):\n"
+                + root_cause(log)
+            )
+        data = json.loads(out_path.read_text())
+    return EngineResult(outputs=data["outputs"], rpc=data.get("rpc", {}), log=log)
+
+
+def root_cause(log: str, limit: int = 8000) -> str:
+    """The worker's own traceback (vLLM's engine only says "see root cause
+    above"), followed by the tail of the log."""
+    worker = [ln for ln in log.splitlines() if "(Worker" in ln and "ERROR" in ln]
+    head = "\n".join(worker[-60:])
+    return (head + "\n...\n" if head else "") + log[-(limit - len(head)):]
+
+
+def hf_reference(model: str | Path, prompts: list[list[int]], *, max_tokens: int = 8,
+                 num_logprobs: int = 5) -> list[dict]:
+    """transformers, fp32: prompt logprobs and a greedy continuation with top-k
+    logprobs, in the same layout as ``run_vllm``'s outputs."""
+    import torch
+    import transformers
+
+    model_obj = transformers.AutoModelForCausalLM.from_pretrained(
+        str(model), dtype=torch.float32).eval()
+    results = []
+    with torch.no_grad():
+        for ids in prompts:
+            seq = list(ids)
+            logits = model_obj(torch.tensor([seq])).logits[0].double()
+            lps = torch.log_softmax(logits, dim=-1)
+            prompt_lps: list = [None]
+            for pos in range(1, len(seq)):
+                row = lps[pos - 1]
+                top = torch.topk(row, num_logprobs)
+                entry = {str(int(t)): float(v) for t, v in zip(top.indices, top.values)}
+                entry[str(seq[pos])] = float(row[seq[pos]])
+                prompt_lps.append(entry)
+            gen_ids, gen_lps = [], []
+            row = lps[-1]
+            for step in range(max_tokens):
+                top = torch.topk(row, num_logprobs)
+                tok = int(top.indices[0])
+                gen_ids.append(tok)
+                gen_lps.append({str(int(t)): float(v) for t, v in zip(top.indices, top.values)})
+                seq.append(tok)
+                if step + 1 < max_tokens:
+                    logits = model_obj(torch.tensor([seq])).logits[0, -1].double()
+                    row = torch.log_softmax(logits, dim=-1)
+            results.append({"prompt_token_ids": list(ids), "prompt_logprobs": prompt_lps,
+                            "token_ids": gen_ids, "logprobs": gen_lps})
+    return results
+
+
+def max_prompt_logprob_diff(a: list[dict], b: list[dict]) -> float:
+    worst = 0.0
+    for oa, ob in zip(a, b, strict=True):
+        ids = oa["prompt_token_ids"]
+        assert ids == ob["prompt_token_ids"]
+        for pos in range(1, len(ids)):
+            tok = str(ids[pos])
+            worst = max(worst, abs(oa["prompt_logprobs"][pos][tok] - ob["prompt_logprobs"][pos][tok]))
+    return worst
+
+
+def assert_prompt_logprobs_close(a: list[dict], b: list[dict], *, atol: float = PROMPT_LOGPROB_ATOL,
+                                 names: tuple[str, str] = ("a", "b")) -> float:
+    worst = max_prompt_logprob_diff(a, b)
+    assert worst <= atol, (
+        f"prompt logprobs of {names[0]} and {names[1]} differ by {worst:.3g} nats "
+        f"(tolerance {atol:.3g})"
+    )
+    return worst
+
+
+def assert_greedy_close(a: list[dict], b: list[dict], *, names: tuple[str, str] = ("a", "b")) -> None:
+    """vLLM's check_logprobs_close rule, per prompt."""
+    for i, (oa, ob) in enumerate(zip(a, b, strict=True)):
+        for pos, (ta, tb) in enumerate(zip(oa["token_ids"], ob["token_ids"], strict=True)):
+            if ta == tb:
+                continue
+            la, lb = oa["logprobs"][pos], ob["logprobs"][pos]
+            assert str(ta) in lb and str(tb) in la, (
+                f"prompt {i} position {pos}: {names[0]} chose {ta}, {names[1]} chose {tb}, "
+                f"and they are not in each other's top-{len(la)}:\n"
+                f"{names[0]}: {oa['token_ids']}\n{names[1]}: {ob['token_ids']}"
+            )
+            break  # the sequences may legitimately diverge after this point
+
+
+def make_prompts(model: str | Path, n: int = 3) -> list[list[int]]:
+    """Token ids of a few corpus sentences, tokenised with the model's own tokenizer."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
+    sentences = [
+        "The river town woke slowly. Fishermen pulled their boats onto the gravel",
+        "Question: what is the capital of the valley? Answer:",
+        "Parallel work is faster when each worker holds only part of the task and",
+        "Hello! How are you today? Please tell me a short story",
+    ]
+    return [tok.encode(s).ids for s in sentences[:n]]

@@ -1,0 +1,83 @@
+"""patches/: the set applies to the pinned vLLM, and each patch's bug is real."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_patch_set_is_applied_to_the_installed_vllm():
+    out = subprocess.run([sys.executable, str(ROOT / "patches/apply.py"), "check"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0001-cpu-rope-3d-query.patch: applied" in out.stdout
+
+
+def test_every_patch_has_a_readme_row():
+    readme = (ROOT / "patches/README.md").read_text()
+    for patch in sorted((ROOT / "patches").glob("*.patch")):
+        assert patch.name in readme, f"{patch.name} has no row in patches/README.md"
+
+
+def test_apply_reports_conflict_on_a_foreign_tree(tmp_path):
+    target = tmp_path / "vllm/model_executor/layers/rotary_embedding"
+    target.mkdir(parents=True)
+    (target / "base.py").write_text("# not vLLM 0.32's file\n")
+    out = subprocess.run([sys.executable, str(ROOT / "patches/apply.py"), "apply",
+                          "--site", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "does not apply" in out.stderr
+
+
+# --- 0001: CPU rotary embedding on a 3-D query -------------------------------
+
+@pytest.fixture
+def rope():
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    with set_current_vllm_config(VllmConfig()):
+        yield get_rope(64, max_position=256, is_neox_style=False,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                       dtype=torch.float32)
+
+
+def _mla_like_inputs(T=5, H=4, D=64):
+    g = torch.Generator().manual_seed(0)
+    q_full = torch.randn(T, H, 32 + D, generator=g)
+    q_pe = q_full[..., 32:]  # a strided 3-D view, exactly how MLA passes q_pe
+    k_pe = torch.randn(T, 1, D, generator=g)
+    return torch.arange(T), q_full, q_pe, k_pe
+
+
+def test_cpu_rope_kernel_is_wrong_on_3d_query(rope):
+    """The bug itself, in vLLM's C++ kernel: the reason patch 0001 exists.
+    If this starts failing, vLLM fixed the kernel and 0001 can be dropped."""
+    from vllm import _custom_ops as ops
+
+    pos, _, q_pe, k_pe = _mla_like_inputs()
+    ref_q, _ = rope.forward_native(pos, q_pe.clone(), k_pe.clone())
+    q3 = q_pe.contiguous().clone()
+    ops.rotary_embedding(pos, q3, k_pe.clone(), 64, rope.cos_sin_cache, False)
+    assert (q3 - ref_q).abs().max() > 1e-2
+
+
+def test_forward_cpu_matches_native_on_mla_q_pe(rope):
+    """Fails without patch 0001 (error ~7.7 on this input), exact with it."""
+    pos, q_full, q_pe, k_pe = _mla_like_inputs()
+    ref_q, ref_k = rope.forward_native(pos, q_pe.clone(), k_pe.clone())
+    q_nope_before = q_full[..., :32].clone()
+    k = k_pe.clone()
+    out_q, out_k = rope.forward_cpu(pos, q_pe, k)
+    torch.testing.assert_close(out_q, ref_q, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out_k, ref_k, rtol=0, atol=1e-5)
+    # In place, like the kernel: the caller's strided view holds the result,
+    # and the neighbouring nope half is untouched.
+    torch.testing.assert_close(q_full[..., 32:], ref_q, rtol=0, atol=1e-5)
+    assert torch.equal(q_full[..., :32], q_nope_before)

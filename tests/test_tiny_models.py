@@ -1,0 +1,70 @@
+"""The tiny checkpoint factory writes real, loadable, well-shaped checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from vllm_ascend_ext.tiny_models import ARCHITECTURES, make_tiny_checkpoint
+from vllm_ascend_ext.tiny_models.factory import RECIPE_VERSION, resolve_architecture
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_shapes_fit_the_parallel_layouts(arch, tiny_model):
+    cfg = json.loads((tiny_model(arch) / "config.json").read_text())
+    assert cfg["architectures"] == [arch]
+    assert cfg["dtype"] == "float32"
+    for tp in (1, 2, 4):
+        assert cfg["num_attention_heads"] % tp == 0
+        assert cfg["num_key_value_heads"] % tp == 0 or tp % cfg["num_key_value_heads"] == 0
+    # A PP=2 split of 5 layers starts stage 1 at a layer that is not a
+    # multiple of its own layer count.
+    assert cfg["num_hidden_layers"] == 5
+    if arch.startswith("Deepseek"):
+        assert cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"] == 576
+        assert cfg["first_k_dense_replace"] >= 1
+    if arch == "DeepseekV2ForCausalLM":
+        assert cfg["q_lora_rank"] is None
+
+
+def test_deepseek_v3_has_an_mtp_layer(tiny_model):
+    path = tiny_model("DeepseekV3ForCausalLM")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["num_nextn_predict_layers"] == 1
+    mtp = f"model.layers.{cfg['num_hidden_layers']}."
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    for name in ("eh_proj.weight", "enorm.weight", "hnorm.weight", "self_attn.o_proj.weight",
+                 "shared_head.head.weight"):
+        assert mtp + name in keys
+    # Real hub layout: per-expert tensors, not transformers' fused in-memory form.
+    assert "model.layers.1.mlp.experts.0.gate_proj.weight" in keys
+
+
+def test_tokenizer_and_chat_template(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model("Qwen3ForCausalLM")))
+    ids = tok("The river town woke slowly.")["input_ids"]
+    assert tok.decode(ids) == "The river town woke slowly."
+    assert max(ids) < 512
+    text = tok.apply_chat_template([{"role": "user", "content": "Hello!"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text == "<|user|>\nHello!\n<|assistant|>\n"
+
+
+def test_rebuild_is_deterministic_and_cached(tmp_path):
+    a = make_tiny_checkpoint("qwen3", tmp_path / "a")
+    b = make_tiny_checkpoint("qwen3", tmp_path / "b")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    stamp = (a / "model.safetensors").stat().st_mtime_ns
+    make_tiny_checkpoint("qwen3", tmp_path / "a")  # cached: not rewritten
+    assert (a / "model.safetensors").stat().st_mtime_ns == stamp
+    assert json.loads((a / "tiny_model.json").read_text())["recipe"] == RECIPE_VERSION
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown tiny-model architecture 'llama'"):
+        resolve_architecture("llama")

@@ -1,0 +1,168 @@
+"""A ``vllm serve`` process on 127.0.0.1, started and stopped cleanly.
+
+Used by ``make demo``, the serve e2e tests and the throughput benchmark, so
+that all three start the server the way a user does: the real ``vllm`` CLI,
+with the FlashComm2 flags passed as environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(world_size: int) -> dict[str, str]:
+    """Environment a CPU vLLM needs on this kind of small machine."""
+    ncpu = max(1, os.cpu_count() or 1)
+    bind = "|".join(str(r % ncpu) for r in range(world_size)) if world_size > 1 else (
+        f"0-{ncpu - 1}" if ncpu > 1 else "0")
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "VLLM_CPU_OMP_THREADS_BIND": bind,
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def vllm_cli() -> str:
+    """The ``vllm`` console script of the running interpreter's environment."""
+    cand = Path(sys.executable).parent / "vllm"
+    return str(cand) if cand.exists() else "vllm"
+
+
+@dataclass
+class VllmServer:
+    model: str
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
+    port: int = 0
+    startup_timeout: float = 600.0
+    log_path: Path | None = None
+    pgid: int | None = None
+    _proc: subprocess.Popen | None = None
+    _log_fh: object | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            vllm_cli(), "serve", self.model,
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--tensor-parallel-size", str(self.tp),
+            "--pipeline-parallel-size", str(self.pp),
+            "--data-parallel-size", str(self.dp),
+            "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "32",
+            "--enforce-eager", "--disable-log-stats",
+            *self.extra_args,
+        ]
+
+    def start(self) -> "VllmServer":
+        if not self.port:
+            self.port = free_port()
+        env = dict(os.environ)
+        env.update(cpu_env(self.tp * self.pp * self.dp))
+        env.update(self.env)
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        self._log_fh = open(self.log_path, "w")
+        # A new session: stop() can signal the server and every worker it spawned.
+        self._proc = subprocess.Popen(self.command(), env=env, stdout=self._log_fh,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self.pgid = self._proc.pid
+        self._wait_healthy()
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"vllm serve exited with code {self._proc.returncode} during start-up; "
+                    f"log tail:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"vllm serve not healthy after {self.startup_timeout}s; "
+                           f"log tail:\n{self.log_tail()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def log_tail(self, n: int = 6000) -> str:
+        return self.log_text()[-n:]
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGINT (vLLM's graceful path), then SIGTERM, then SIGKILL the group."""
+        if self._proc is None:
+            return None
+        pgid = self._proc.pid
+        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+            if self._proc.poll() is not None:
+                break
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self._proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+        # Workers in the same session must be gone too.
+        try:
+            os.killpg(pgid, 0)
+            leftover = True
+        except ProcessLookupError:
+            leftover = False
+        if leftover:
+            time.sleep(2)
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        rc = self._proc.returncode
+        self._proc = None
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
+        return rc
+
+    def __enter__(self) -> "VllmServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False

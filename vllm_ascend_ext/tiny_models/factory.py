@@ -1,0 +1,271 @@
+"""Tiny but real checkpoints for the architectures this plugin integrates.
+
+Each checkpoint is written by transformers' own model class (so vLLM loads the
+same tensor names a real hub checkpoint has), with a fixed seed, in fp32
+safetensors, together with a BPE tokenizer trained locally on text shipped in
+this package and a chat template.  Nothing is downloaded.
+
+Shape rules (see README "Tiny models"):
+- 8 attention heads and 4 KV heads, so TP=1, 2 and 4 all divide;
+- 5 hidden layers, so a PP=2 split puts the second stage's first layer at an
+  index that is not a multiple of its layer count (the upstream prefetch-index
+  bug shows there);
+- MLA uses ``kv_lora_rank + qk_rope_head_dim == 576``, the only latent size
+  vLLM's CPU MLA backend accepts;
+- a wide init so that greedy choices are not near-ties.
+
+CLI:  ``vllm-ascend-ext make-tiny ARCH OUT_DIR`` (or ``--all ROOT``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+ARCHITECTURES = (
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
+
+VOCAB_SIZE = 512
+NUM_HIDDEN_LAYERS = 5
+SEED = 1234
+# Bumped whenever the recipe changes, so cached checkpoints are rebuilt.
+RECIPE_VERSION = 3
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    architecture: str
+    config_kwargs: dict[str, Any]
+    # Extra tensors that transformers does not create (DeepSeek's MTP layer).
+    add_extra_tensors: Callable[[dict, Any], None] | None = None
+    initializer_range: float = 0.1
+
+
+_COMMON = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=256,
+    num_attention_heads=8,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+_MLA = dict(
+    kv_lora_rank=512,
+    qk_rope_head_dim=64,
+    qk_nope_head_dim=32,
+    v_head_dim=32,
+    num_key_value_heads=8,
+    intermediate_size=512,
+    moe_intermediate_size=128,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    routed_scaling_factor=1.0,
+)
+
+_QWEN = dict(num_key_value_heads=4, head_dim=32, intermediate_size=512)
+
+
+def _deepseek_mtp_tensors(state: dict, config: Any) -> None:
+    """Add the tensors of DeepSeek's multi-token-prediction layer.
+
+    transformers has no MTP module, so the model is built with one extra
+    decoder layer (index ``num_hidden_layers``) and the MTP-only projections
+    are added here with vLLM's ``deepseek_mtp`` names.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(SEED + 1)
+    i, h = config.num_hidden_layers, config.hidden_size
+    p = f"model.layers.{i}."
+    state[p + "enorm.weight"] = torch.ones(h)
+    state[p + "hnorm.weight"] = torch.ones(h)
+    state[p + "eh_proj.weight"] = torch.randn(h, 2 * h, generator=g) * 0.05
+    state[p + "shared_head.norm.weight"] = torch.ones(h)
+    state[p + "shared_head.head.weight"] = torch.randn(VOCAB_SIZE, h, generator=g) * 0.05
+
+
+SPECS: dict[str, TinySpec] = {
+    "DeepseekV2ForCausalLM": TinySpec(
+        "DeepseekV2ForCausalLM",
+        dict(**_COMMON, **_MLA, q_lora_rank=None, topk_method="greedy",
+             n_group=1, topk_group=1, norm_topk_prob=False),
+    ),
+    "DeepseekV3ForCausalLM": TinySpec(
+        "DeepseekV3ForCausalLM",
+        dict(**_COMMON, **_MLA, q_lora_rank=128, n_group=1, topk_group=1,
+             topk_method="noaux_tc", scoring_func="sigmoid",
+             norm_topk_prob=True, num_nextn_predict_layers=1),
+        add_extra_tensors=_deepseek_mtp_tensors,
+    ),
+    "Qwen2ForCausalLM": TinySpec("Qwen2ForCausalLM", dict(**_COMMON, **_QWEN)),
+    "Qwen3ForCausalLM": TinySpec("Qwen3ForCausalLM", dict(**_COMMON, **_QWEN)),
+    "Qwen3MoeForCausalLM": TinySpec(
+        "Qwen3MoeForCausalLM",
+        dict(**_COMMON, **_QWEN, num_experts=8, num_experts_per_tok=2,
+             moe_intermediate_size=128, decoder_sparse_step=1, mlp_only_layers=[],
+             norm_topk_prob=True),
+    ),
+}
+
+SHORT_NAMES = {
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+
+
+def resolve_architecture(name: str) -> str:
+    if name in SPECS:
+        return name
+    if name in SHORT_NAMES:
+        return SHORT_NAMES[name]
+    raise ValueError(
+        f"unknown tiny-model architecture {name!r}; choose one of "
+        f"{sorted(SHORT_NAMES)} or {list(SPECS)}"
+    )
+
+
+def corpus_text() -> str:
+    return resources.files(__package__).joinpath("data/corpus.txt").read_text()
+
+
+def write_tokenizer(out_dir: Path) -> None:
+    """Train a byte-level BPE tokenizer on the shipped corpus and save it in the
+    layout transformers and vLLM load (tokenizer.json + tokenizer_config.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus_text().splitlines(), trainer=trainer)
+    if tok.get_vocab_size() > VOCAB_SIZE:
+        raise RuntimeError(f"tokenizer vocab {tok.get_vocab_size()} > {VOCAB_SIZE}")
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<unk>",
+        "add_bos_token": False,
+        "model_max_length": 1024,
+        "chat_template": CHAT_TEMPLATE,
+    }, indent=2))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>",
+    }, indent=2))
+
+
+def build_config(arch: str, num_hidden_layers: int = NUM_HIDDEN_LAYERS,
+                 hidden_size: int | None = None):
+    import transformers
+
+    spec = SPECS[arch]
+    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    kwargs = dict(spec.config_kwargs, num_hidden_layers=num_hidden_layers,
+                  initializer_range=spec.initializer_range)
+    if hidden_size is not None:
+        kwargs["hidden_size"] = hidden_size
+        kwargs["intermediate_size"] = hidden_size * 2
+    config = config_cls(**kwargs)
+    config.architectures = [arch]
+    return config
+
+
+def make_tiny_checkpoint(arch: str, out_dir: str | os.PathLike, *,
+                         num_hidden_layers: int = NUM_HIDDEN_LAYERS,
+                         hidden_size: int | None = None, force: bool = False) -> Path:
+    """Write (or reuse) a tiny checkpoint + tokenizer for ``arch`` in ``out_dir``."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    arch = resolve_architecture(arch)
+    out = Path(out_dir)
+    marker = out / "tiny_model.json"
+    recipe = {"architecture": arch, "recipe": RECIPE_VERSION, "seed": SEED,
+              "num_hidden_layers": num_hidden_layers, "hidden_size": hidden_size}
+    if not force and marker.exists() and json.loads(marker.read_text()) == recipe:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    spec = SPECS[arch]
+    config = build_config(arch, num_hidden_layers, hidden_size)
+
+    # MTP: build one extra decoder layer; it is saved under index
+    # num_hidden_layers, where vLLM's main model skips it.
+    build_cfg = config
+    n_mtp = getattr(config, "num_nextn_predict_layers", 0) or 0
+    if n_mtp:
+        build_cfg = build_config(arch, num_hidden_layers + n_mtp, hidden_size)
+
+    torch.manual_seed(SEED)
+    model = getattr(transformers, arch)(build_cfg).to(torch.float32).eval()
+    # save_pretrained writes the hub layout (per-expert MoE tensors), which is
+    # what vLLM's loaders expect; the in-memory state_dict is fused.
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="1GB")
+    if spec.add_extra_tensors is not None:
+        shards = sorted(out.glob("*.safetensors"))
+        if len(shards) != 1:
+            raise RuntimeError(f"expected one safetensors shard in {out}, got {shards}")
+        state = load_file(str(shards[0]))
+        spec.add_extra_tensors(state, config)
+        save_file(state, str(shards[0]), metadata={"format": "pt"})
+
+    # The saved config must describe the main model, not the MTP-extended build.
+    config.save_pretrained(out)
+    cfg_path = out / "config.json"
+    cfg_json = json.loads(cfg_path.read_text())
+    cfg_json.pop("torch_dtype", None)
+    cfg_json["dtype"] = "float32"
+    cfg_path.write_text(json.dumps(cfg_json, indent=2, sort_keys=True))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}, indent=2))
+    write_tokenizer(out)
+    marker.write_text(json.dumps(recipe))
+    return out
+
+
+def default_cache_root() -> Path:
+    root = os.environ.get("VLLM_ASCEND_EXT_TINY_ROOT")
+    if root:
+        return Path(root)
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "vllm-ascend-ext" / "tiny-models"
+
+
+def tiny_checkpoint(arch: str, root: str | os.PathLike | None = None) -> Path:
+    """Path of the cached tiny checkpoint for ``arch``, built on first use."""
+    arch = resolve_architecture(arch)
+    root = Path(root) if root is not None else default_cache_root()
+    return make_tiny_checkpoint(arch, root / f"{arch}-r{RECIPE_VERSION}")
