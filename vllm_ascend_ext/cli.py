@@ -1,4 +1,4 @@
-"""``vllm-ascend-ext`` command line: tiny checkpoints and (later) the planner."""
+"""``vllm-ascend-ext`` command line: tiny checkpoints and the capacity planner."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--hidden-size", type=int, default=None)
     mk.add_argument("--force", action="store_true")
     mk.set_defaults(func=_make_tiny)
+
+    from vllm_ascend_ext.planner import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     return ap
 
 

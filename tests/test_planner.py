@@ -1,0 +1,250 @@
+"""``vllm-ascend-ext plan``: published figures, formulas, and the real o_shared op.
+
+The published figures come from the upstream PRs and measurements listed in
+the project facts (Qwen3-235B W8A8 at TP16: 2.94 GiB replicated vs 0.25 GiB
+with upstream's ring; DeepSeek-V3: 224 MiB per layer, 13.3 / 6.7 GiB per full
+copy, all-to-all / reduce-scatter ratio 0.14 at P=16).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from vllm_ascend_ext import planner as pl
+from vllm_ascend_ext.planner import GIB, MIB, PRESETS, PlanError, PlanInputs, plan
+
+QWEN235 = PRESETS["qwen3-235b-a22b"]
+DSV3 = PRESETS["deepseek-v3"]
+
+
+# ------------------------------------------------------------ published figures
+
+
+def test_presets_carry_the_real_config_numbers():
+    assert (DSV3.num_layers, DSV3.hidden_size, DSV3.o_proj_in) == (61, 7168, 16384)
+    assert (QWEN235.num_layers, QWEN235.hidden_size, QWEN235.o_proj_in) == (94, 4096, 8192)
+    q32 = PRESETS["qwen3-32b"]
+    assert (q32.num_layers, q32.hidden_size, q32.o_proj_in) == (64, 5120, 8192)
+
+
+def test_qwen3_235b_w8a8_tp16_published_memory():
+    p = plan(QWEN235, PlanInputs(tp=16, weight_dtype="int8", prefetch_step=1))
+    mem, W = p["memory"], p["layout"]["per_layer_bytes"]
+    assert W == 8192 * 4096 == 32 * MIB
+    assert mem["replicated_bytes"] == 94 * W
+    assert round(mem["replicated_bytes"] / GIB, 2) == 2.94
+    # upstream: ceil(94/16) = 6 owned + (1 + 1) buffers = 8 layers
+    assert mem["upstream_bytes"] == 8 * W
+    assert mem["upstream_bytes"] / GIB == 0.25
+    # ours: ranks 0..13 own 6 layers, 14..15 own 5; one slot each
+    assert mem["ours_bytes"] == 7 * W
+    assert mem["floor_bytes"] == 94 * W / 16
+    # plain TP holds a/P x h per layer: exactly the 1/n floor when k = 1
+    assert mem["plain_tp_bytes"] == mem["floor_bytes"]
+
+
+def test_deepseek_v3_published_memory():
+    bf16 = plan(DSV3, PlanInputs(tp=16, weight_dtype="bf16"))
+    assert bf16["layout"]["per_layer_bytes"] == 224 * MIB
+    assert round(bf16["memory"]["replicated_bytes"] / GIB, 1) == 13.3
+    int8 = plan(DSV3, PlanInputs(tp=16, weight_dtype="int8"))
+    assert int8["layout"]["per_layer_bytes"] == 112 * MIB
+    assert round(int8["memory"]["replicated_bytes"] / GIB, 1) == 6.7
+
+
+def test_deepseek_v3_p16_fc2_to_fc1_ratio():
+    p = plan(DSV3, PlanInputs(tp=16))
+    assert p["fc2_to_fc1_ratio"] == pytest.approx(16384 / (16 * 7168))
+    assert round(p["fc2_to_fc1_ratio"], 2) == 0.14
+    for c in p["comm"]:
+        if c["tokens"] % 16 == 0:  # no padding
+            assert c["fc2_all_to_all"] / c["fc1_reduce_scatter"] == pytest.approx(0.1428, abs=1e-4)
+
+
+# ----------------------------------------------------------------- formulas
+
+
+def test_comm_formulas_with_otp_greater_than_one():
+    # TP8, k=2: ODP groups of 4 ranks, OTP groups of 2
+    shape = PRESETS["qwen3-32b"]  # a = 8192, h = 5120
+    T, b = 4096, 2
+    c = pl.comm_per_layer(shape, tp=8, otp=2, act_bytes=b, tokens=T)
+    assert c["tp_allreduce"] == 2 * 7 / 8 * T * 5120 * b
+    assert c["fc2_all_to_all"] == 3 / 4 * T * (8192 / 8) * b  # [T, a/P] over 4 ranks
+    assert c["fc2_otp_reduce_scatter"] == 1 / 2 * (T * 2 / 8) * 5120 * b  # [T*k/P, h] over 2
+    assert c["fc2_all_gather"] == 7 / 8 * T * 5120 * b
+    assert c["fc2_saved_vs_tp"] == pytest.approx(
+        c["fc1_reduce_scatter"] - c["fc2_all_to_all"] - c["fc2_otp_reduce_scatter"])
+    assert c["fc2_saved_vs_tp"] / T == pytest.approx(pl.saved_bytes_per_token(shape, 8, 2, b))
+
+
+def test_padding_to_a_multiple_of_tp():
+    c = pl.comm_per_layer(QWEN235, tp=16, otp=1, act_bytes=2, tokens=17)
+    assert c["padded_tokens"] == 32
+    assert c["fc2_all_gather"] == 15 / 16 * 32 * 4096 * 2
+
+
+def test_break_even_is_where_the_broadcast_equals_the_saving():
+    p = plan(QWEN235, PlanInputs(tp=16, weight_dtype="int8", tokens=(1,)))
+    per_token = 15 / 16 * 4096 * 2 - 15 / 16 * 512 * 2
+    assert p["fc2_saved_bytes_per_token"] == pytest.approx(per_token)  # 6720
+    assert p["break_even_tokens"] == pytest.approx(32 * MIB / per_token)
+    T = 16 * math.ceil(p["break_even_tokens"] / 16)
+    at = pl.comm_per_layer(QWEN235, 16, 1, 2, T)["fc2_saved_vs_tp"]
+    assert at >= 32 * MIB > pl.comm_per_layer(QWEN235, 16, 1, 2, T - 16)["fc2_saved_vs_tp"]
+
+
+def test_pp_stages_match_vllm(monkeypatch):
+    monkeypatch.delenv("VLLM_PP_LAYER_PARTITION", raising=False)
+    from vllm.distributed.utils import get_pp_indices
+
+    for L, pp in [(61, 2), (94, 4), (5, 2), (64, 3), (7, 5), (10, 1)]:
+        ours = pl.pp_stages(L, pp)
+        theirs = [get_pp_indices(L, r, pp) for r in range(pp)]
+        assert [(s, s + n) for s, n in ours] == theirs
+
+
+def test_ring_slots_rule():
+    # 5 layers over 2 ranks, k = 3: rank 0 owns 0, 2, 4 and receives 1, 3
+    assert pl.ring_slots(0, 5, 2, 0, 3) == len({1 % 3, 3 % 3}) == 2
+    assert pl.ring_slots(0, 5, 2, 1, 3) == 3
+    assert pl.ring_slots(0, 5, 2, 0, 0) == 1  # synchronous: one buffer
+    # at most k buffers, and only those the rank receives into: rank 0 of 2
+    # owns the even positions, so with k = 2 it only ever fills slot 1
+    assert pl.ring_slots(0, 4, 2, 0, 2) == 1
+    assert pl.ring_slots(0, 4, 4, 0, 2) == 2
+    # ownership uses the global layer index: a stage starting at layer 3
+    assert pl.owned_layers(3, 2, 2, 0) == 1 and pl.ring_slots(3, 2, 2, 0, 1) == 1
+    assert pl.ring_slots(0, 3, 1, 0, 1) == 0  # a group of one owns everything
+
+
+# ------------------------------------------------------------------- timing
+
+
+def test_broadcast_hidden_or_not():
+    # 32 MiB at 1600 Gbit/s (200 GB/s): 167.8 us of transfer, + 10 us latency
+    x = dict(tp=16, weight_dtype="int8", link_gbps=1600.0, latency_us=10.0)
+    t = plan(QWEN235, PlanInputs(**x, layer_compute_us=200.0, prefetch_step=1))["timing"]
+    assert t["transfer_us"] == pytest.approx(32 * MIB / 200e9 * 1e6)
+    assert t["broadcast_us"] == pytest.approx(t["transfer_us"] + 10.0)
+    assert t["window_us"] == 200.0 and t["hidden"] and t["exposed_us_per_layer"] == 0
+    assert t["min_prefetch_step"] == 1
+
+    # layer shorter than the broadcast but longer than the transfer: a deeper ring hides it
+    t = plan(QWEN235, PlanInputs(**x, layer_compute_us=170.0, prefetch_step=1))["timing"]
+    assert t["throughput_ok"] and not t["latency_ok"] and not t["hidden"]
+    assert t["min_prefetch_step"] == 2
+    p = plan(QWEN235, PlanInputs(**x, layer_compute_us=170.0, prefetch_step=2))
+    assert p["timing"]["hidden"]
+    assert "hides the broadcast" in p["recommendation"][1]
+
+    # the link cannot move one layer per layer time: no prefetch step helps
+    p = plan(QWEN235, PlanInputs(**x, layer_compute_us=100.0, prefetch_step=4))
+    assert not p["timing"]["throughput_ok"] and p["timing"]["min_prefetch_step"] is None
+    assert "cannot keep up" in p["recommendation"][1]
+
+    # synchronous broadcast (k = 0) is always exposed
+    t = plan(QWEN235, PlanInputs(**x, layer_compute_us=1000.0, prefetch_step=0))["timing"]
+    assert not t["hidden"] and t["exposed_us_per_layer"] == t["broadcast_us"]
+
+
+def test_no_timing_without_link_and_compute():
+    p = plan(QWEN235, PlanInputs(tp=16))
+    assert p["timing"] is None
+    assert "not assessed" in p["recommendation"][1]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tp=16, otp_size=3), "must divide --tp 16"),
+    (dict(tp=16, otp_size=16), "smaller than it"),
+    (dict(tp=1), "--tp must be >= 2"),
+    (dict(tp=48), "not divisible by --tp 48"),
+    (dict(tp=16, pp=47, prefetch_step=2), "at most 1"),
+    (dict(tp=16, prefetch_step=-1), ">= 0"),
+])
+def test_invalid_layouts_are_explained(kwargs, match):
+    with pytest.raises(PlanError, match=match):
+        plan(QWEN235, PlanInputs(**kwargs))
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def test_cli_text_and_json(capsys):
+    from vllm_ascend_ext.cli import main
+
+    argv = ["plan", "--model", "qwen3-235b-a22b", "--tp", "16", "--weight-dtype", "int8",
+            "--link-gbps", "1600", "--layer-compute-us", "300", "--tokens", "256", "4096"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "2.94 GiB" in text and "0.25 GiB" in text and "recommendation" in text
+    assert main(argv + ["--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["memory"]["upstream_bytes"] == 8 * 32 * MIB
+    assert [c["tokens"] for c in p["comm"]] == [256, 4096]
+    assert main(["plan", "--model", "no-such-model"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+
+
+# ------------------------------------------------- tiny checkpoints, real op
+
+
+def test_config_json_of_tiny_checkpoints(tiny_model):
+    ds = pl.load_model_shape(str(tiny_model("deepseek_v3")))  # folder -> config.json
+    assert (ds.num_layers, ds.hidden_size, ds.num_heads, ds.o_head_dim) == (5, 256, 8, 32)
+    assert ds.architecture == "DeepseekV3ForCausalLM"
+    qw = pl.load_model_shape(str(tiny_model("qwen3") / "config.json"))
+    assert (qw.num_layers, qw.o_proj_in, qw.hidden_size) == (5, 8 * 32, 256)
+
+
+# (first layer, number of layers, prefetch step, pp size, pp rank) on 2 ranks
+TINY_CASES = [(0, 5, 1, 1, 0), (0, 5, 2, 1, 0), (0, 5, 3, 1, 0), (0, 5, 0, 1, 0),
+              (3, 2, 1, 2, 1)]
+
+
+def _tiny_series_reports(rank, world_size, cases, a, h):
+    import torch
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import get_tp_group
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+
+    from vllm_ascend_ext.ops.shared_weight import SharedWeightSeries
+
+    out = []
+    with set_current_vllm_config(VllmConfig()):
+        for i, (start, L, k, _pp, _stage) in enumerate(cases):
+            series = SharedWeightSeries(f"planner-test-{i}", get_tp_group(), prefetch_step=k)
+            for j in range(L):
+                # the FlashComm2 o_proj shard at k = 1: the full a -> h matrix
+                series.add_layer(ReplicatedLinear(
+                    a, h, bias=False, params_dtype=torch.bfloat16,
+                    prefix=f"model.layers.{start + j}.self_attn.o_proj"))
+            series.finalize()
+            r = series.memory_report()
+            out.append({"resident": r.resident_bytes, "owned": r.owned_layers,
+                        "slots": r.slots, "per_layer": r.per_layer_bytes})
+            series.close()
+    return out
+
+
+@pytest.mark.timeout(400)
+def test_planner_matches_the_real_oshared_op_on_tiny_deepseek(tiny_model):
+    from dist_utils import run_distributed
+
+    shape = pl.load_model_shape(str(tiny_model("deepseek_v3")))
+    a, h = shape.o_proj_in, shape.hidden_size
+    reports = run_distributed(_tiny_series_reports, 2, TINY_CASES, a, h, timeout=300)
+    for i, (start, L, k, pp, stage) in enumerate(TINY_CASES):
+        p = plan(shape, PlanInputs(tp=2, pp=pp, prefetch_step=k, weight_dtype="bf16"))
+        st = p["memory"]["stages"][stage]
+        assert (st["start_layer"], st["num_layers"]) == (start, L)
+        for rank in range(2):
+            got, want = reports[rank][i], st["ranks"][rank]
+            assert got["per_layer"] == p["layout"]["per_layer_bytes"] == a * h * 2
+            assert (got["owned"], got["slots"]) == (want["owned_layers"], want["slots"]), (
+                f"case {TINY_CASES[i]} rank {rank}")
+            assert got["resident"] == want["resident_bytes"]
+        assert max(r[i]["resident"] for r in reports) == st["ours_max_bytes"]

@@ -1,0 +1,553 @@
+"""Capacity planner for FlashComm2 + o_shared: ``vllm-ascend-ext plan``.
+
+Answers, for one model and one parallel layout, before anything is deployed:
+
+* how many bytes of ``o_proj`` weight each rank holds with FlashComm2 alone
+  (every rank keeps a full ``a/k x h`` shard of every layer of its PP stage),
+  with o_shared and this project's ring, with upstream's ring formula, at the
+  ``1/n`` floor, and with plain tensor parallelism;
+* whether one layer's broadcast fits in the compute window the chosen
+  prefetch step gives it;
+* how many bytes FlashComm2 moves per layer compared with plain TP for given
+  token counts, and the token count at which o_shared's per-layer broadcast
+  equals what FlashComm2 saves.
+
+Everything is closed-form arithmetic on the model's shape; nothing here
+imports vLLM or torch.  Symbols (as in docs/user_guide.md):
+
+``L``  hidden layers of one PP stage      ``h``  hidden size
+``a``  heads x v_head_dim (o_proj input)  ``P``  TP size
+``k``  o_proj TP size (``--otp-size``)    ``n = P / k``  o_shared group size
+``s``  prefetch step                      ``W``  bytes of one o_proj shard
+                                                 ``(a/k) x h x weight bytes``
+
+Conventions:
+
+* int8 (W8A8) weights count 1 byte per element.  Per-output-channel scales
+  and offsets (``h`` values per layer, about 0.1 % of the layer) are NOT
+  counted, so figures match the published ones that ignore them too.
+* The o_shared group holds the ranks that need the same shard: the ``n``
+  ranks of one ODP group, inside one DP replica and one PP stage (dense DP
+  replicas in vLLM 0.32 are independent engines, so a group may not span
+  them).  ``--dp`` changes the device count, not any per-rank figure.
+* Layer ownership and ring slots follow ``vllm_ascend_ext.ops.shared_weight``:
+  layer ``i`` (global index) is owned by group rank ``i % n``; position
+  ``p`` uses slot ``p % s``; a rank allocates only the slots some non-owned
+  position maps to (``s = 0``: one buffer for a synchronous broadcast).
+* PP stages split layers like vLLM's default ``get_pp_indices`` (remainder
+  layers go to the stages before the last); ``VLLM_PP_LAYER_PARTITION`` is
+  not read.
+* Broadcast time, pipelined: ``t = alpha + W / B`` (each receiver takes in
+  ``W`` once at link bandwidth ``B``; ``alpha`` = ``--latency-us``).  A
+  binomial tree would need ``ceil(log2 n) * (alpha + W / B)``; that figure is
+  reported alongside.  Contention with FlashComm2's own collectives on the
+  same links is not modelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "int8": 1}
+
+DEFAULT_TOKENS = (1, 256, 4096, 16384)
+DEFAULT_LATENCY_US = 10.0
+
+
+class PlanError(ValueError):
+    """The model or the parallel layout cannot be planned (message says why)."""
+
+
+# --------------------------------------------------------------------------
+# model shapes
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    architecture: str
+    num_layers: int  # hidden layers (MTP layers never join the series)
+    hidden_size: int  # h: o_proj output
+    num_heads: int
+    o_head_dim: int  # v_head_dim (MLA) or head_dim
+
+    @property
+    def o_proj_in(self) -> int:
+        """a = heads x per-head value size: o_proj's input features."""
+        return self.num_heads * self.o_head_dim
+
+
+#: Real config numbers of the published checkpoints.
+PRESETS: dict[str, ModelShape] = {
+    # config.json: num_hidden_layers 61, hidden_size 7168, num_attention_heads
+    # 128, v_head_dim 128 -> o_proj 16384 x 7168.
+    "deepseek-v3": ModelShape("DeepSeek-V3", "DeepseekV3ForCausalLM", 61, 7168, 128, 128),
+    # 94 layers, hidden 4096, 64 heads x head_dim 128 -> o_proj 8192 x 4096.
+    "qwen3-235b-a22b": ModelShape("Qwen3-235B-A22B", "Qwen3MoeForCausalLM", 94, 4096, 64, 128),
+    # 64 layers, hidden 5120, 64 heads x head_dim 128 -> o_proj 8192 x 5120.
+    "qwen3-32b": ModelShape("Qwen3-32B", "Qwen3ForCausalLM", 64, 5120, 64, 128),
+}
+
+
+def shape_from_config(cfg: dict[str, Any], name: str = "config.json") -> ModelShape:
+    """The o_proj-relevant shape of a Hugging Face ``config.json`` dict."""
+    if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers
+        cfg = {**cfg, **cfg["text_config"]}
+    try:
+        layers = int(cfg["num_hidden_layers"])
+        hidden = int(cfg["hidden_size"])
+        heads = int(cfg["num_attention_heads"])
+    except KeyError as e:
+        raise PlanError(f"{name}: missing {e.args[0]!r}; is this a decoder config.json?") from None
+    if cfg.get("v_head_dim"):  # MLA (DeepSeek V2/V3): o_proj sees heads x v_head_dim
+        head_dim = int(cfg["v_head_dim"])
+    elif cfg.get("head_dim"):
+        head_dim = int(cfg["head_dim"])
+    else:
+        if hidden % heads:
+            raise PlanError(f"{name}: hidden_size {hidden} is not a multiple of {heads} heads")
+        head_dim = hidden // heads
+    arch = (cfg.get("architectures") or ["unknown"])[0]
+    return ModelShape(name, arch, layers, hidden, heads, head_dim)
+
+
+def load_model_shape(model: str) -> ModelShape:
+    """A preset name, a ``config.json`` path, or a folder holding one."""
+    key = model.lower()
+    if key in PRESETS:
+        return PRESETS[key]
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise PlanError(
+            f"{model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+            "nor a config.json / model folder"
+        )
+    return shape_from_config(json.loads(path.read_text()), name=str(path))
+
+
+# --------------------------------------------------------------------------
+# the arithmetic
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    tp: int = 16
+    dp: int = 1
+    pp: int = 1
+    otp_size: int = 1  # k: o_proj TP size (FlashComm2 parallel size)
+    prefetch_step: int = 1
+    weight_dtype: str = "bf16"
+    act_dtype: str = "bf16"
+    link_gbps: float | None = None  # Gbit/s a rank receives at
+    latency_us: float = DEFAULT_LATENCY_US
+    layer_compute_us: float | None = None  # stated compute time of one layer
+    tokens: tuple[int, ...] = DEFAULT_TOKENS
+
+
+def pp_stages(num_layers: int, pp: int) -> list[tuple[int, int]]:
+    """``(start_layer, num_layers)`` of each PP stage, vLLM's default split."""
+    if not 1 <= pp <= num_layers:
+        raise PlanError(f"--pp {pp} must be between 1 and the {num_layers} hidden layers")
+    sizes = [num_layers // pp] * pp
+    for i in range(2, num_layers % pp + 2):
+        sizes[-i] += 1
+    starts = [sum(sizes[:i]) for i in range(pp)]
+    return list(zip(starts, sizes))
+
+
+def owned_layers(start: int, num_layers: int, n: int, rank: int) -> int:
+    """Layers of ``[start, start + num_layers)`` that group rank ``rank`` owns."""
+    return sum(1 for i in range(start, start + num_layers) if i % n == rank)
+
+
+def ring_slots(start: int, num_layers: int, n: int, rank: int, prefetch_step: int) -> int:
+    """Ring buffers ``rank`` allocates: the slots its non-owned positions use."""
+    foreign = [p for p in range(num_layers) if (start + p) % n != rank]
+    if not foreign:
+        return 0
+    if prefetch_step == 0:
+        return 1
+    return len({p % prefetch_step for p in foreign})
+
+
+@dataclass
+class RankMemory:
+    rank: int  # rank inside the o_shared group
+    owned_layers: int
+    slots: int
+    resident_bytes: int
+
+
+@dataclass
+class StageMemory:
+    pp_rank: int
+    start_layer: int
+    num_layers: int
+    plain_tp_bytes: int  # no FlashComm2: a/P x h per layer
+    replicated_bytes: int  # FlashComm2 without o_shared: W per layer
+    ours_max_bytes: int  # o_shared, this project's ring, worst rank
+    ours_min_bytes: int
+    upstream_bytes: int  # ceil(L/n) W + (s+1) W
+    floor_bytes: float  # L W / n
+    ranks: list[RankMemory] = field(default_factory=list)
+
+
+def stage_memory(pp_rank: int, start: int, L: int, n: int, s: int,
+                 W: int, plain_layer: int) -> StageMemory:
+    ranks = []
+    for r in range(n):
+        owned, slots = owned_layers(start, L, n, r), ring_slots(start, L, n, r, s)
+        ranks.append(RankMemory(r, owned, slots, (owned + slots) * W))
+    resident = [x.resident_bytes for x in ranks]
+    return StageMemory(
+        pp_rank=pp_rank, start_layer=start, num_layers=L,
+        plain_tp_bytes=L * plain_layer, replicated_bytes=L * W,
+        ours_max_bytes=max(resident), ours_min_bytes=min(resident),
+        upstream_bytes=(math.ceil(L / n) + s + 1) * W, floor_bytes=L * W / n,
+        ranks=ranks,
+    )
+
+
+def comm_per_layer(shape: ModelShape, tp: int, otp: int, act_bytes: int,
+                   tokens: int) -> dict[str, float]:
+    """Bytes one rank sends per layer for ``tokens`` tokens in the step."""
+    P, k, h, a, b = tp, otp, shape.hidden_size, shape.o_proj_in, act_bytes
+    m = P // k  # ODP group size
+    T = tokens
+    Tp = math.ceil(T / P) * P  # FlashComm2 pads the token count to a multiple of P
+    d = {
+        "tokens": T,
+        "padded_tokens": Tp,
+        # plain TP: o_proj partial sums, ring all-reduce of [T, h]
+        "tp_allreduce": 2 * (P - 1) / P * T * h * b,
+        # FlashComm1: reduce-scatter now, all-gather before the next QKV
+        "fc1_reduce_scatter": (P - 1) / P * T * h * b,
+        # FlashComm2: all-to-all over ODP, [T, a/P] -> [T*k/P, a/k]
+        "fc2_all_to_all": (m - 1) / m * Tp * (a / P) * b,
+        # k > 1: reduce-scatter over OTP of [T*k/P, h] -> [T/P, h]
+        "fc2_otp_reduce_scatter": (k - 1) / k * (Tp * k / P) * h * b,
+        # all-gather over TP of [T/P, h] -> [T, h] (skipped under sequence parallel)
+        "fc2_all_gather": (P - 1) / P * Tp * h * b,
+    }
+    d["fc2_total"] = d["fc2_all_to_all"] + d["fc2_otp_reduce_scatter"] + d["fc2_all_gather"]
+    d["fc2_saved_vs_tp"] = d["tp_allreduce"] - d["fc2_total"]
+    return d
+
+
+def saved_bytes_per_token(shape: ModelShape, tp: int, otp: int, act_bytes: int) -> float:
+    """Bytes FlashComm2 saves per token per layer versus plain TP (no padding)."""
+    P, k, h, a, b = tp, otp, shape.hidden_size, shape.o_proj_in, act_bytes
+    m = P // k
+    return (P - 1) / P * h * b - (m - 1) / m * (a / P) * b - (k - 1) / P * h * b
+
+
+def validate(shape: ModelShape, x: PlanInputs) -> None:
+    if x.weight_dtype not in DTYPE_BYTES or x.act_dtype not in DTYPE_BYTES:
+        raise PlanError(f"dtypes must be one of {sorted(DTYPE_BYTES)}")
+    if x.dp < 1:
+        raise PlanError(f"--dp must be >= 1, got {x.dp}")
+    if x.tp < 2:
+        raise PlanError(f"FlashComm2 needs tensor parallelism: --tp must be >= 2, got {x.tp}")
+    if not (1 <= x.otp_size < x.tp and x.tp % x.otp_size == 0):
+        raise PlanError(
+            f"--otp-size {x.otp_size} must divide --tp {x.tp} and be smaller than it"
+        )
+    if shape.num_heads % x.tp:
+        raise PlanError(
+            f"{shape.name}: {shape.num_heads} attention heads are not divisible by --tp {x.tp}"
+        )
+    if x.prefetch_step < 0:
+        raise PlanError(f"--prefetch-step must be >= 0, got {x.prefetch_step}")
+    if any(t < 1 for t in x.tokens):
+        raise PlanError("--tokens must be positive")
+    for name, v in (("--link-gbps", x.link_gbps), ("--layer-compute-us", x.layer_compute_us)):
+        if v is not None and v <= 0:
+            raise PlanError(f"{name} must be > 0, got {v}")
+
+
+def plan(shape: ModelShape, x: PlanInputs) -> dict[str, Any]:
+    """The whole plan as a JSON-ready dict."""
+    validate(shape, x)
+    P, k, s = x.tp, x.otp_size, x.prefetch_step
+    n = P // k
+    wb, ab = DTYPE_BYTES[x.weight_dtype], DTYPE_BYTES[x.act_dtype]
+    a, h = shape.o_proj_in, shape.hidden_size
+    W = (a // k) * h * wb
+    plain_layer = (a // P) * h * wb
+
+    stages_lr = pp_stages(shape.num_layers, x.pp)
+    shortest = min(L for _, L in stages_lr)
+    if s > shortest - 1:
+        raise PlanError(
+            f"--prefetch-step {s} must be at most {shortest - 1} (the shortest PP stage "
+            f"has {shortest} layers)"
+        )
+    stages = [stage_memory(i, st, L, n, s, W, plain_layer) for i, (st, L) in enumerate(stages_lr)]
+    worst = max(stages, key=lambda st: st.ours_max_bytes)
+
+    timing: dict[str, Any] | None = None
+    if x.link_gbps is not None and x.layer_compute_us is not None:
+        B = x.link_gbps * 1e9 / 8  # bytes / s
+        xfer = W / B * 1e6
+        bcast = x.latency_us + xfer
+        window = s * x.layer_compute_us
+        throughput_ok = xfer <= x.layer_compute_us
+        latency_ok = s > 0 and bcast <= window
+        hidden = throughput_ok and latency_ok
+        if s == 0:
+            exposed = bcast
+        elif hidden:
+            exposed = 0.0
+        else:
+            exposed = max(0.0, xfer - x.layer_compute_us, bcast - window)
+        min_step = math.ceil(bcast / x.layer_compute_us) if throughput_ok else None
+        timing = {
+            "link_gbps": x.link_gbps,
+            "link_gbytes_per_s": B / 1e9,
+            "latency_us": x.latency_us,
+            "layer_compute_us": x.layer_compute_us,
+            "transfer_us": xfer,
+            "broadcast_us": bcast,
+            "tree_broadcast_us": max(1, math.ceil(math.log2(n))) * bcast,
+            "window_us": window,
+            "throughput_ok": throughput_ok,
+            "latency_ok": latency_ok,
+            "hidden": hidden,
+            "exposed_us_per_layer": exposed,
+            "min_prefetch_step": min_step,
+            "min_prefetch_step_fits": min_step is not None and min_step <= shortest - 1,
+        }
+
+    comm = [comm_per_layer(shape, P, k, ab, t) for t in x.tokens]
+    for c in comm:
+        c["oshared_broadcast"] = W
+        c["net_saved_with_oshared"] = c["fc2_saved_vs_tp"] - W
+    per_token = saved_bytes_per_token(shape, P, k, ab)
+    # per-token, unpadded: (all-to-all + OTP reduce-scatter) / FC1 reduce-scatter
+    m = n
+    fc2_to_fc1 = ((m - 1) / m * (a / P) + (k - 1) / P * h) / ((P - 1) / P * h)
+    break_even = W / per_token if per_token > 0 else None
+
+    out = {
+        "model": asdict(shape) | {"o_proj_in": a, "o_proj_shape": [a, h]},
+        "inputs": asdict(x) | {"tokens": list(x.tokens)},
+        "layout": {
+            "devices": P * x.dp * x.pp,
+            "oshared_group_size": n,
+            "odp_group_size": n,
+            "otp_group_size": k,
+            "per_layer_bytes": W,
+            "plain_tp_per_layer_bytes": plain_layer,
+            "weight_bytes_per_element": wb,
+            "int8_scales_counted": False,
+        },
+        "memory": {
+            "worst_stage": worst.pp_rank,
+            "plain_tp_bytes": worst.plain_tp_bytes,
+            "replicated_bytes": worst.replicated_bytes,
+            "ours_bytes": worst.ours_max_bytes,
+            "upstream_bytes": worst.upstream_bytes,
+            "floor_bytes": worst.floor_bytes,
+            "saved_bytes": worst.replicated_bytes - worst.ours_max_bytes,
+            "stages": [asdict(st) for st in stages],
+        },
+        "timing": timing,
+        "comm": comm,
+        "fc2_saved_bytes_per_token": per_token,
+        "fc2_to_fc1_ratio": fc2_to_fc1,
+        "break_even_tokens": break_even,
+    }
+    out["recommendation"] = recommend(shape, x, out)
+    return out
+
+
+def recommend(shape: ModelShape, x: PlanInputs, p: dict[str, Any]) -> list[str]:
+    mem, lay, t = p["memory"], p["layout"], p["timing"]
+    n, W = lay["oshared_group_size"], lay["per_layer_bytes"]
+    lines = [
+        f"o_shared cuts o_proj memory per rank from {_gib(mem['replicated_bytes'])} "
+        f"(FlashComm2 alone) to {_gib(mem['ours_bytes'])}, saving "
+        f"{_gib(mem['saved_bytes'])} on the worst PP stage; upstream's ring would hold "
+        f"{_gib(mem['upstream_bytes'])}, the 1/{n} floor is {_gib(mem['floor_bytes'])} "
+        f"(plain TP without FlashComm2: {_gib(mem['plain_tp_bytes'])})."
+    ]
+    if t is None:
+        lines.append(
+            "Broadcast timing not assessed: pass --link-gbps and --layer-compute-us."
+        )
+    elif t["hidden"]:
+        lines.append(
+            f"Prefetch step {x.prefetch_step} hides the broadcast: {t['broadcast_us']:.0f} us "
+            f"per layer against a {t['window_us']:.0f} us window, and the link keeps up "
+            f"({t['transfer_us']:.0f} us of transfer per {x.layer_compute_us:.0f} us layer)."
+        )
+    elif not t["throughput_ok"]:
+        lines.append(
+            f"The link cannot keep up: moving one layer ({_mib(W)}) takes "
+            f"{t['transfer_us']:.0f} us but a layer computes in {x.layer_compute_us:.0f} us, "
+            "so every layer stalls whatever the prefetch step. Use o_shared only where "
+            "memory is the binding limit (or on prefill nodes with longer layers), or a "
+            "larger --otp-size (smaller shards)."
+        )
+    elif t["min_prefetch_step_fits"]:
+        lines.append(
+            f"Prefetch step {x.prefetch_step} leaves {t['exposed_us_per_layer']:.0f} us exposed "
+            f"per layer; use --prefetch-step {t['min_prefetch_step']} (one more "
+            f"{_mib(W)} buffer per extra step at most)."
+        )
+    else:
+        lines.append(
+            f"The broadcast needs a prefetch step of {t['min_prefetch_step']}, more than "
+            "this PP stage has layers; expect stalls."
+        )
+    be = p["break_even_tokens"]
+    if be is None:
+        lines.append("With this layout FlashComm2 sends no fewer bytes than plain TP.")
+    else:
+        lines.append(
+            f"Per layer, FlashComm2 saves {p['fc2_saved_bytes_per_token']:.0f} bytes per token "
+            f"against plain TP; o_shared's {_mib(W)} broadcast equals that at about "
+            f"{be:,.0f} tokens per step. Below it (decode, small batches) the broadcast "
+            "moves more bytes than FlashComm2 saves and pays only while it stays hidden "
+            "behind compute; upstream also found FlashComm2 slows decode, so prefer it "
+            "for prefill-heavy serving."
+        )
+    if n < 2:
+        lines.append("The o_shared group has one rank: there is nothing to share.")
+    return lines
+
+
+# --------------------------------------------------------------------------
+# text output and CLI
+# --------------------------------------------------------------------------
+
+
+def _gib(v: float) -> str:
+    return f"{v / GIB:.2f} GiB"
+
+
+def _mib(v: float) -> str:
+    return f"{v / MIB:.1f} MiB"
+
+
+def _bytes(v: float) -> str:
+    return _gib(v) if abs(v) >= GIB else _mib(v) if abs(v) >= MIB else f"{v / 1024:.1f} KiB"
+
+
+def format_text(p: dict[str, Any]) -> str:
+    m, x, lay, mem = p["model"], p["inputs"], p["layout"], p["memory"]
+    out = [
+        f"model      {m['name']} ({m['architecture']}): {m['num_layers']} layers, "
+        f"hidden {m['hidden_size']}, o_proj {m['o_proj_in']} x {m['hidden_size']}",
+        f"layout     TP {x['tp']} x DP {x['dp']} x PP {x['pp']} = {lay['devices']} devices; "
+        f"o_proj TP size k={x['otp_size']}, o_shared group n={lay['oshared_group_size']} "
+        f"(per DP replica and PP stage), prefetch step {x['prefetch_step']}",
+        f"weights    {x['weight_dtype']}: one o_proj shard W = {_mib(lay['per_layer_bytes'])}"
+        + (" (int8 scales not counted)" if x["weight_dtype"] == "int8" else ""),
+        "",
+        f"o_proj bytes per rank (worst PP stage: {mem['worst_stage']})",
+        f"  plain TP (no FlashComm2)          {_gib(mem['plain_tp_bytes']):>12}",
+        f"  FlashComm2, replicated            {_gib(mem['replicated_bytes']):>12}",
+        f"  o_shared, this ring (worst rank)  {_gib(mem['ours_bytes']):>12}",
+        f"  o_shared, upstream's ring         {_gib(mem['upstream_bytes']):>12}"
+        "   (ceil(L/n)W + (s+1)W)",
+        f"  floor L*W/n                       {_gib(mem['floor_bytes']):>12}",
+    ]
+    for st in mem["stages"]:
+        worst = max(st["ranks"], key=lambda r: r["resident_bytes"])
+        out.append(
+            f"  stage {st['pp_rank']}: layers {st['start_layer']}-"
+            f"{st['start_layer'] + st['num_layers'] - 1}, worst rank owns "
+            f"{worst['owned_layers']} + {worst['slots']} ring slot(s)"
+        )
+    t = p["timing"]
+    out.append("")
+    if t is None:
+        out.append("broadcast  not assessed (give --link-gbps and --layer-compute-us)")
+    else:
+        out += [
+            f"broadcast  W / B + alpha = {t['transfer_us']:.1f} + {t['latency_us']:.1f} = "
+            f"{t['broadcast_us']:.1f} us per layer at {t['link_gbps']:g} Gbit/s "
+            f"({t['link_gbytes_per_s']:.1f} GB/s); binomial tree {t['tree_broadcast_us']:.1f} us",
+            f"           window = prefetch step x layer compute = {t['window_us']:.1f} us; "
+            f"link keeps up: {'yes' if t['throughput_ok'] else 'no'}; "
+            f"hidden: {'yes' if t['hidden'] else 'no'}"
+            + (f"; smallest step that hides it: {t['min_prefetch_step']}"
+               if t["min_prefetch_step"] is not None else ""),
+        ]
+    out += ["", f"bytes sent per rank per layer ({x['act_dtype']} activations)",
+            f"  {'tokens':>7} {'TP allreduce':>13} {'FC2 a2a':>11} {'FC2 otp-RS':>11} "
+            f"{'FC2 allgather':>13} {'FC2 saves':>11} {'saves - W':>11}"]
+    for c in p["comm"]:
+        out.append(
+            f"  {c['tokens']:>7} {_bytes(c['tp_allreduce']):>13} {_bytes(c['fc2_all_to_all']):>11} "
+            f"{_bytes(c['fc2_otp_reduce_scatter']):>11} {_bytes(c['fc2_all_gather']):>13} "
+            f"{_bytes(c['fc2_saved_vs_tp']):>11} {_bytes(c['net_saved_with_oshared']):>11}"
+        )
+    out.append(f"  FC2 all-to-all / FC1 reduce-scatter bytes: {p['fc2_to_fc1_ratio']:.3f}"
+               + (" (= a/(P*h))" if x["otp_size"] == 1 else ""))
+    be = p["break_even_tokens"]
+    out.append(f"  break-even (o_shared broadcast = FC2 saving): "
+               + (f"{be:,.0f} tokens" if be is not None else "never"))
+    out += ["", "recommendation"] + [f"  - {line}" for line in p["recommendation"]]
+    return "\n".join(out)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    ap = sub.add_parser(
+        "plan", help="o_proj memory / broadcast / traffic plan for FlashComm2 + o_shared",
+        description=__doc__.split("\n\n")[0],
+    )
+    ap.add_argument("--model", required=True,
+                    help=f"preset ({', '.join(sorted(PRESETS))}) or a config.json / model folder")
+    ap.add_argument("--tp", type=int, default=PlanInputs.tp)
+    ap.add_argument("--dp", type=int, default=PlanInputs.dp)
+    ap.add_argument("--pp", type=int, default=PlanInputs.pp)
+    ap.add_argument("--otp-size", type=int, default=PlanInputs.otp_size,
+                    help="k: o_proj TP size (VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE)")
+    ap.add_argument("--prefetch-step", type=int, default=PlanInputs.prefetch_step)
+    ap.add_argument("--weight-dtype", choices=sorted(DTYPE_BYTES), default="bf16")
+    ap.add_argument("--act-dtype", choices=sorted(DTYPE_BYTES), default="bf16",
+                    help="activation dtype on the wire")
+    ap.add_argument("--link-gbps", type=float, default=None,
+                    help="bandwidth a rank receives a broadcast at, in Gbit/s")
+    ap.add_argument("--latency-us", type=float, default=DEFAULT_LATENCY_US,
+                    help="fixed cost of one broadcast (default %(default)s us)")
+    ap.add_argument("--layer-compute-us", type=float, default=None,
+                    help="compute time of one decoder layer at your batch size")
+    ap.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS),
+                    help="tokens per step to tabulate traffic for")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    ap.set_defaults(func=run)
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    try:
+        shape = load_model_shape(args.model)
+        p = plan(shape, PlanInputs(
+            tp=args.tp, dp=args.dp, pp=args.pp, otp_size=args.otp_size,
+            prefetch_step=args.prefetch_step, weight_dtype=args.weight_dtype,
+            act_dtype=args.act_dtype, link_gbps=args.link_gbps,
+            latency_us=args.latency_us, layer_compute_us=args.layer_compute_us,
+            tokens=tuple(args.tokens),
+        ))
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(p, indent=2) if args.json else format_text(p))
+    return 0
