@@ -42,7 +42,9 @@ def base_env(world_size: int) -> dict[str, str]:
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_CPU_OMP_THREADS_BIND": omp_bind(world_size),
         "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        # The engine core runs in the test's child process itself: one
+        # process (and one vLLM import) fewer per engine.
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
     }
@@ -191,3 +193,37 @@ def make_prompts(model: str | Path, n: int = 3) -> list[list[int]]:
         "Hello! How are you today? Please tell me a short story",
     ]
     return [tok.encode(s).ids for s in sentences[:n]]
+
+
+# --- FlashComm2 cases ---------------------------------------------------------
+
+# Runs on every worker of an engine: o_proj classes and real storage bytes.
+MEMORY_RPC = "vllm_ascend_ext.models.introspect:oproj_memory"
+
+
+def flashcomm2_flags(size: int, oshared: bool = False, step: int | None = None) -> dict[str, str]:
+    """The env flags exactly as a user sets them."""
+    env = {"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": str(size),
+           "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED": "1" if oshared else "0"}
+    if step is not None:
+        env["VLLM_ASCEND_FLASHCOMM2_OSHARED_PREFETCH_STEP"] = str(step)
+    return env
+
+
+class EngineCache:
+    """One engine run per (arch, layout, flags, eager); shared by every test
+    in the session that needs the same configuration (plain-TP references
+    above all), because each engine costs ~30 s on the CI machine."""
+
+    def __init__(self, tiny_model):
+        self._tiny_model = tiny_model
+        self._runs: dict = {}
+
+    def run(self, arch: str, *, tp: int, env: dict | None = None, eager: bool = True,
+            pp: int = 1) -> EngineResult:
+        key = (arch, tp, pp, tuple(sorted((env or {}).items())), eager)
+        if key not in self._runs:
+            model = self._tiny_model(arch)
+            self._runs[key] = run_vllm(model, make_prompts(model), tp=tp, pp=pp, env=env,
+                                       enforce_eager=eager, collective_rpc=[MEMORY_RPC])
+        return self._runs[key]

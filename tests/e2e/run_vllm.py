@@ -56,7 +56,14 @@ def main(spec_path: str, out_path: str) -> None:
             "logprobs": [_top(e) for e in comp.logprobs],
         })
     for rpc in spec.get("collective_rpc", []):
-        result.setdefault("rpc", {})[rpc] = llm.collective_rpc(rpc)
+        # "package.module:function" runs that function on every worker.
+        target = rpc
+        if ":" in rpc:
+            import importlib
+
+            mod, fn = rpc.split(":")
+            target = getattr(importlib.import_module(mod), fn)
+        result.setdefault("rpc", {})[rpc] = llm.collective_rpc(target)
     with open(out_path, "w") as fh:
         json.dump(result, fh)
     del llm

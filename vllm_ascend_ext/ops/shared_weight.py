@@ -406,15 +406,7 @@ class SharedWeightSeries:
                     f"series {self.name!r}"
                 )
             position = layer_or_position.shared_weight_position
-        if not self._finalized:
-            raise SharedWeightError(
-                f"series {self.name!r} is not finalised: run the model's "
-                "process_weights_after_loading (or finalize()) before any forward"
-            )
-        if not 0 <= position < self.num_layers:
-            raise SharedWeightError(
-                f"series {self.name!r}: position {position} outside [0, {self.num_layers})"
-            )
+        self._check_position(position)
         return position
 
     # -------------------------------------------------------- registration

@@ -1,0 +1,149 @@
+"""End-to-end throughput: plain TP vs FlashComm2 vs FlashComm2 + o_shared.
+
+Runs vLLM's own benchmark (``vllm bench throughput``, random dataset) three
+times on the same checkpoint and batch, changing only the env flags, and
+writes a table of tokens/s with ratios to plain TP plus the o_proj bytes per
+rank each configuration holds.
+
+    .venv/bin/python benchmarks/bench_throughput.py --preset small --tp 2 \
+        --out results/bench_throughput.json
+
+CPU/gloo timings say nothing about NPU/HCCL ones: on a 2-core CPU the
+collectives are memcpy through shared memory and compute dominates.  This
+script is what a user runs on Ascend (with ``--model`` pointing at a real
+checkpoint and without the CPU env), where the numbers mean something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PRESETS = {
+    # name: (architecture, hidden layers, hidden size or None for the tiny default)
+    "tiny": ("DeepseekV3ForCausalLM", 5, None),
+    "small": ("Qwen3ForCausalLM", 8, 1024),
+}
+
+CONFIGS = [
+    ("plain TP", {}),
+    ("FlashComm2 k=1", {"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "1"}),
+    ("FlashComm2 k=1 + o_shared", {"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "1",
+                                   "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED": "1"}),
+]
+
+
+def _model_dir(args) -> str:
+    if args.model:
+        return args.model
+    from vllm_ascend_ext.tiny_models.factory import default_cache_root, make_tiny_checkpoint
+
+    arch, layers, hidden = PRESETS[args.preset]
+    out = default_cache_root() / f"bench-{args.preset}-{arch}-L{layers}-H{hidden}"
+    return str(make_tiny_checkpoint(arch, out, num_hidden_layers=layers, hidden_size=hidden))
+
+
+def _oproj_bytes(model: str, tp: int, oshared: bool, fc2: bool) -> int:
+    """o_proj bytes rank 0 holds (fp32): the formulas tests/e2e/test_memory.py
+    checks against the workers' real storages."""
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    v = cfg.get("v_head_dim") or cfg.get("head_dim") or cfg["hidden_size"] // heads
+    a, h, L = heads * v, cfg["hidden_size"], cfg["num_hidden_layers"]
+    w = a * h * 4  # fp32 checkpoints
+    if not fc2:
+        return L * w // tp
+    if not oshared:
+        return L * w
+    owned = sum(1 for i in range(L) if i % tp == 0)
+    return owned * w + w  # one ring slot at prefetch step 1
+
+
+def run_one(model: str, tp: int, env_flags: dict, args) -> dict:
+    from vllm_ascend_ext.local_server import cpu_env, vllm_cli
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_ASCEND_")}
+    if not args.no_cpu_env:
+        env.update(cpu_env(tp))
+    env.update(env_flags)
+    with tempfile.TemporaryDirectory() as td:
+        out_json = Path(td) / "bench.json"
+        cmd = [vllm_cli(), "bench", "throughput", "--model", model,
+               "--tensor-parallel-size", str(tp), "--dataset-name", "random",
+               "--random-input-len", str(args.input_len), "--random-output-len",
+               str(args.output_len), "--num-prompts", str(args.num_prompts),
+               "--max-model-len", str(args.input_len + args.output_len + 16),
+               "--dtype", args.dtype, "--output-json", str(out_json), "--seed", "0"]
+        if args.enforce_eager:
+            cmd.append("--enforce-eager")
+        t0 = time.time()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        data = json.loads(out_json.read_text())
+    data["wall_s"] = time.time() - t0
+    return data
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--model", help="a real checkpoint instead of a preset")
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--enforce-eager", action="store_true", default=True)
+    ap.add_argument("--no-cpu-env", action="store_true", help="do not set CPU vLLM env (NPU)")
+    ap.add_argument("--out", default=str(ROOT / "results/bench_throughput.json"))
+    args = ap.parse_args(argv)
+
+    model = _model_dir(args)
+    rows = []
+    for name, flags in CONFIGS:
+        data = run_one(model, args.tp, flags, args)
+        rows.append({
+            "config": name, "flags": flags,
+            "tokens_per_s": data["tokens_per_second"],
+            "requests_per_s": data["requests_per_second"],
+            "o_proj_bytes_per_rank": _oproj_bytes(model, args.tp, "OSHARED" in " ".join(flags),
+                                                  bool(flags)),
+        })
+        print(f"{name}: {data['tokens_per_second']:.1f} tok/s", flush=True)
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["ratio_to_plain_tp"] = r["tokens_per_s"] / base
+    result = {
+        "model": model, "tp": args.tp, "input_len": args.input_len,
+        "output_len": args.output_len, "num_prompts": args.num_prompts, "dtype": args.dtype,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+        "note": "CPU/gloo timings do not predict NPU/HCCL ones.",
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    table = ["| config | tokens/s | ratio to plain TP | o_proj bytes / rank |",
+             "|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['ratio_to_plain_tp']:.3f} | "
+                     f"{r['o_proj_bytes_per_rank']:,} |")
+    md = "\n".join(table)
+    out.with_suffix(".md").write_text(md + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""install_flashcomm2 on a real (small) vLLM module tree, 2 gloo ranks:
+which o_projs are replaced, MTP filtering, the MLA double reference, the
+series, and "flags off means vLLM's model untouched"."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from tests.dist_utils import run_distributed
+
+NUM_HIDDEN = 3  # layers 0..2 are hidden layers; layer 3 plays DeepSeek's MTP layer
+
+
+def _toy_model():
+    import torch.nn as nn
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    class Attn(nn.Module):
+        def __init__(self, prefix):
+            super().__init__()
+            self.o_proj = RowParallelLinear(64, 32, bias=False, prefix=f"{prefix}.o_proj")
+            # vLLM's MLA wrapper holds the very same o_proj object.
+            self.mla_attn = nn.Module()
+            self.mla_attn.o_proj = self.o_proj
+
+    class Layer(nn.Module):
+        def __init__(self, i):
+            super().__init__()
+            self.self_attn = Attn(f"model.layers.{i}.self_attn")
+
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList([Layer(i) for i in range(NUM_HIDDEN + 1)])
+    return model
+
+
+def _vllm_config(tp: int, additional_config: dict | None = None):
+    hf = SimpleNamespace(num_hidden_layers=NUM_HIDDEN, architectures=["DeepseekV3ForCausalLM"])
+    return SimpleNamespace(
+        additional_config=additional_config or {},
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=1,
+                                        data_parallel_size=1),
+        model_config=SimpleNamespace(hf_config=hf, hf_text_config=hf),
+    )
+
+
+def _install_worker(rank, world_size, additional_config):
+    from vllm_ascend_ext.distributed.parallel_state import destroy_flashcomm2_groups
+    from vllm_ascend_ext.models.flashcomm2_install import install_flashcomm2
+
+    model = _toy_model()
+    state = install_flashcomm2(model, _vllm_config(world_size, additional_config))
+    out = {"state": state is not None}
+    if state is not None:
+        layers = model.model.layers
+        out["classes"] = [type(l.self_attn.o_proj).__name__ for l in layers]
+        out["mla_same_object"] = [l.self_attn.mla_attn.o_proj is l.self_attn.o_proj for l in layers]
+        out["prefixes"] = state.o_proj_prefixes
+        series = state.series
+        out["series_layers"] = (
+            None if series is None else [l.prefix for l in series.layers])
+        # Non-owned members hold no weight before loading.
+        out["weight_numel"] = [l.self_attn.o_proj.weight.numel() for l in layers]
+        state.close()
+    destroy_flashcomm2_groups()
+    return out
+
+
+def test_flags_off_leaves_vllm_model_untouched():
+    (r0, r1) = run_distributed(_install_worker, 2, {}, tp_size=2)
+    assert r0 == r1 == {"state": False}
+
+
+def test_install_replaces_hidden_o_projs_only_and_builds_the_series():
+    cfg = {"enable_flashcomm2_parallel_size": 1, "layer_sharding": ["o_proj"]}
+    results = run_distributed(_install_worker, 2, cfg, tp_size=2)
+    for rank, r in enumerate(results):
+        assert r["classes"] == ["FlashComm2RowParallelLinear"] * NUM_HIDDEN + ["RowParallelLinear"]
+        assert all(r["mla_same_object"]), "MLA wrapper kept a stale o_proj"
+        assert r["prefixes"] == [f"model.layers.{i}.self_attn.o_proj" for i in range(NUM_HIDDEN)]
+        assert r["series_layers"] == [f"model.layers.{i}.self_attn.o_proj"
+                                      for i in range(NUM_HIDDEN)]
+        # k=1: full 64x32 o_proj; owner = layer % 2; MTP layer 3 keeps its TP shard.
+        owned = [64 * 32 if i % 2 == rank else 0 for i in range(NUM_HIDDEN)]
+        assert r["weight_numel"] == owned + [32 * 32]
+
+
+def test_bad_config_fails_before_any_group_is_built():
+    from vllm_ascend_ext.config import FlashComm2ConfigError, get_flashcomm2_config
+
+    with pytest.raises(FlashComm2ConfigError, match="must be smaller than tensor_parallel_size=2"):
+        get_flashcomm2_config(_vllm_config(2, {"enable_flashcomm2_parallel_size": 2}))

@@ -1,0 +1,385 @@
+"""FlashComm2 / o_shared settings: where they come from and whether they fit.
+
+Three settings, each read from vLLM's ``additional_config`` first and from an
+environment variable second (``additional_config`` wins when both are given;
+the overridden environment value is then not even parsed):
+
+=========================  =============================================  ==========================================  =======
+setting                    environment variable                           ``additional_config`` key                   default
+=========================  =============================================  ==========================================  =======
+``parallel_size``          ``VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE``       ``enable_flashcomm2_parallel_size`` (int)   ``0``
+``oshared``                ``VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED``      ``layer_sharding`` (list, ``["o_proj"]``)   off
+``prefetch_step``          ``VLLM_ASCEND_FLASHCOMM2_OSHARED_PREFETCH_STEP``  ``flashcomm2_oshared_prefetch_step`` (int)  ``1``
+=========================  =============================================  ==========================================  =======
+
+``parallel_size`` is the o_proj tensor-parallel size ``k`` (0 = FlashComm2
+off).  :func:`parse_flashcomm2_config` only turns raw values into typed ones;
+:func:`validate_flashcomm2_config` checks them against the engine's
+``VllmConfig``; :func:`get_flashcomm2_config` does both and logs the result.
+Every error is a :class:`FlashComm2ConfigError` whose message names the
+source (environment variable or ``additional_config["key"]``), the offending
+value and the rule it breaks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ADDITIONAL_CONFIG_LAYER_SHARDING",
+    "ADDITIONAL_CONFIG_PARALLEL_SIZE",
+    "ADDITIONAL_CONFIG_PREFETCH_STEP",
+    "ENV_OSHARED",
+    "ENV_PARALLEL_SIZE",
+    "ENV_PREFETCH_STEP",
+    "FlashComm2Config",
+    "FlashComm2ConfigError",
+    "SUPPORTED_ARCHITECTURES",
+    "SUPPORTED_LAYER_SHARDING",
+    "get_flashcomm2_config",
+    "parse_flashcomm2_config",
+    "validate_flashcomm2_config",
+]
+
+ENV_PARALLEL_SIZE = "VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE"
+ENV_OSHARED = "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED"
+ENV_PREFETCH_STEP = "VLLM_ASCEND_FLASHCOMM2_OSHARED_PREFETCH_STEP"
+
+ADDITIONAL_CONFIG_PARALLEL_SIZE = "enable_flashcomm2_parallel_size"
+ADDITIONAL_CONFIG_LAYER_SHARDING = "layer_sharding"
+ADDITIONAL_CONFIG_PREFETCH_STEP = "flashcomm2_oshared_prefetch_step"
+
+#: Model classes whose attention output projection this project replaces.
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
+
+#: Layer names ``additional_config["layer_sharding"]`` may list.
+SUPPORTED_LAYER_SHARDING: tuple[str, ...] = ("o_proj",)
+
+DEFAULT_PREFETCH_STEP = 1
+
+_TRUE_WORDS = ("1", "true")
+_FALSE_WORDS = ("0", "false")
+
+
+class FlashComm2ConfigError(ValueError):
+    """A FlashComm2 / o_shared setting is malformed or does not fit the engine."""
+
+
+@dataclass(frozen=True)
+class FlashComm2Config:
+    """Effective FlashComm2 settings.
+
+    ``parallel_size``: o_proj TP size ``k`` (0 = FlashComm2 off).
+    ``oshared``: o_proj weights stored round-robin over the o_shared group.
+    ``prefetch_step``: how many layers ahead o_shared broadcasts a weight.
+    ``sources``: for each of those three field names, a human-readable
+    description of where the value came from (``"default"``, an environment
+    variable, or an ``additional_config`` key).
+    """
+
+    parallel_size: int = 0
+    oshared: bool = False
+    prefetch_step: int = DEFAULT_PREFETCH_STEP
+    sources: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "parallel_size": "default",
+            "oshared": "default",
+            "prefetch_step": "default",
+        },
+        compare=False,
+        hash=False,
+    )
+    #: The raw values as given (for error messages); empty for defaults.
+    raw_values: Mapping[str, Any] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """FlashComm2 is on."""
+        return self.parallel_size > 0
+
+    @property
+    def otp_size(self) -> int:
+        """Size of an o_proj TP (OTP) group; 1 when FlashComm2 is off."""
+        return max(self.parallel_size, 1)
+
+    def describe(self) -> str:
+        """One line with every effective value and its source."""
+        return (
+            f"FlashComm2 {'on' if self.enabled else 'off'}: "
+            f"o_proj TP size={self.parallel_size} [{self.sources['parallel_size']}], "
+            f"o_shared={'on' if self.oshared else 'off'} [{self.sources['oshared']}], "
+            f"o_shared prefetch step={self.prefetch_step} "
+            f"[{self.sources['prefetch_step']}]"
+        )
+
+
+# --------------------------------------------------------------------------
+# parsing (pure)
+# --------------------------------------------------------------------------
+
+
+def _ac(key: str) -> str:
+    return f'additional_config["{key}"]'
+
+
+def _bad(source: str, value: Any, rule: str) -> FlashComm2ConfigError:
+    return FlashComm2ConfigError(f"{source}={value!r} is invalid: {rule}")
+
+
+def _parse_int(source: str, value: Any, rule: str) -> int:
+    """A non-negative integer from an int or a decimal string (bools refused)."""
+    if isinstance(value, bool):
+        raise _bad(source, value, rule)
+    if isinstance(value, int):
+        result = value
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            result = int(text, 10)
+        except ValueError:
+            raise _bad(source, value, rule) from None
+    else:
+        raise _bad(source, value, rule)
+    if result < 0:
+        raise _bad(source, value, rule)
+    return result
+
+
+def _parse_bool(source: str, value: str) -> bool:
+    text = value.strip().lower()
+    if text in _TRUE_WORDS:
+        return True
+    if text in _FALSE_WORDS:
+        return False
+    raise _bad(source, value, "expected one of 0, 1, true, false (case-insensitive)")
+
+
+def _parse_layer_sharding(source: str, value: Any) -> bool:
+    if not isinstance(value, (list, tuple)):
+        raise _bad(
+            source, value,
+            f"expected a list of layer names, e.g. {list(SUPPORTED_LAYER_SHARDING)}",
+        )
+    unknown = [v for v in value if v not in SUPPORTED_LAYER_SHARDING]
+    if unknown:
+        raise _bad(
+            source, value,
+            f"unsupported entries {unknown}; only {list(SUPPORTED_LAYER_SHARDING)} "
+            "can be sharded",
+        )
+    return "o_proj" in value
+
+
+def _pick(
+    env: Mapping[str, str],
+    additional_config: Mapping[str, Any],
+    env_name: str,
+    key: str,
+) -> tuple[str | None, Any, str]:
+    """(source label, raw value, source description) of one setting."""
+    if key in additional_config:
+        label = _ac(key)
+        desc = label
+        if env_name in env:
+            desc += f" (overrides {env_name}={env[env_name]!r})"
+        return label, additional_config[key], desc
+    if env_name in env:
+        return env_name, env[env_name], env_name
+    return None, None, "default"
+
+
+_SIZE_RULE = "the FlashComm2 o_proj TP size must be a non-negative integer (0 = off)"
+_STEP_RULE = "the o_shared prefetch step must be a non-negative integer"
+
+
+def parse_flashcomm2_config(
+    env: Mapping[str, str], additional_config: Mapping[str, Any] | None
+) -> FlashComm2Config:
+    """Typed settings from an environment mapping and ``additional_config``.
+
+    Pure: reads only its arguments.  Raises :class:`FlashComm2ConfigError` for
+    values of the wrong type or sign; rules that need the engine configuration
+    live in :func:`validate_flashcomm2_config`.
+    """
+    if additional_config is None:
+        additional_config = {}
+    if not isinstance(additional_config, Mapping):
+        raise FlashComm2ConfigError(
+            f"additional_config={additional_config!r} is invalid: expected a mapping"
+        )
+
+    raw_values: dict[str, Any] = {}
+    label, raw, size_src = _pick(
+        env, additional_config, ENV_PARALLEL_SIZE, ADDITIONAL_CONFIG_PARALLEL_SIZE
+    )
+    if label is not None:
+        raw_values["parallel_size"] = raw
+    size = 0 if label is None else _parse_int(label, raw, _SIZE_RULE)
+
+    label, raw, oshared_src = _pick(
+        env, additional_config, ENV_OSHARED, ADDITIONAL_CONFIG_LAYER_SHARDING
+    )
+    if label is not None:
+        raw_values["oshared"] = raw
+    if label is None:
+        oshared = False
+    elif label == ENV_OSHARED:
+        oshared = _parse_bool(label, raw)
+    else:
+        oshared = _parse_layer_sharding(label, raw)
+
+    label, raw, step_src = _pick(
+        env, additional_config, ENV_PREFETCH_STEP, ADDITIONAL_CONFIG_PREFETCH_STEP
+    )
+    if label is not None:
+        raw_values["prefetch_step"] = raw
+    step = DEFAULT_PREFETCH_STEP if label is None else _parse_int(label, raw, _STEP_RULE)
+
+    return FlashComm2Config(
+        parallel_size=size,
+        oshared=oshared,
+        prefetch_step=step,
+        sources={"parallel_size": size_src, "oshared": oshared_src,
+                 "prefetch_step": step_src},
+        raw_values=raw_values,
+    )
+
+
+# --------------------------------------------------------------------------
+# validation against the engine configuration
+# --------------------------------------------------------------------------
+
+
+def _label(cfg: FlashComm2Config, name: str, env_name: str) -> str:
+    """Source label for messages: the env var / additional_config key given."""
+    src = cfg.sources.get(name, "default")
+    if src.startswith("additional_config"):
+        return src.split(" (overrides", 1)[0]
+    if src == "default":
+        return f"{env_name} (unset; default)"
+    return src
+
+
+def _raw(cfg: FlashComm2Config, name: str) -> Any:
+    """The value as the user wrote it (the typed default when unset)."""
+    if name in cfg.raw_values:
+        return cfg.raw_values[name]
+    return getattr(cfg, name)
+
+
+def _stage_layers(num_hidden_layers: int, pp_size: int) -> int:
+    """Hidden layers on the smallest pipeline stage (even split, remainder spread)."""
+    return num_hidden_layers // max(pp_size, 1)
+
+
+def validate_flashcomm2_config(cfg: FlashComm2Config, vllm_config: Any) -> None:
+    """Check ``cfg`` against the engine's ``VllmConfig``.
+
+    Reads ``parallel_config.{tensor,pipeline,data}_parallel_size`` and
+    ``model_config.hf_config.{num_hidden_layers,architectures}``.  Nothing is
+    checked when FlashComm2 and o_shared are both off.
+    """
+    size_src = _label(cfg, "parallel_size", ENV_PARALLEL_SIZE)
+    oshared_src = _label(cfg, "oshared", ENV_OSHARED)
+    step_src = _label(cfg, "prefetch_step", ENV_PREFETCH_STEP)
+
+    if cfg.oshared and not cfg.enabled:
+        raise _bad(
+            oshared_src, _raw(cfg, "oshared"),
+            f"o_shared needs FlashComm2, but FlashComm2 is off "
+            f"({size_src}={_raw(cfg, 'parallel_size')!r}); set {ENV_PARALLEL_SIZE} "
+            f"or {_ac(ADDITIONAL_CONFIG_PARALLEL_SIZE)} to an o_proj TP size >= 1",
+        )
+    if not cfg.enabled:
+        return
+
+    parallel = vllm_config.parallel_config
+    tp = int(parallel.tensor_parallel_size)
+    pp = int(getattr(parallel, "pipeline_parallel_size", 1) or 1)
+    k = cfg.parallel_size
+
+    k_raw = _raw(cfg, "parallel_size")
+    if tp == 1:
+        raise _bad(
+            size_src, k_raw,
+            "FlashComm2 needs tensor parallelism, but tensor_parallel_size=1",
+        )
+    if k >= tp:
+        raise _bad(
+            size_src, k_raw,
+            f"the o_proj TP size must be smaller than tensor_parallel_size={tp}",
+        )
+    if tp % k != 0:
+        raise _bad(
+            size_src, k_raw,
+            f"the o_proj TP size must divide tensor_parallel_size={tp}",
+        )
+
+    model_config = getattr(vllm_config, "model_config", None)
+    hf_config = getattr(model_config, "hf_config", None)
+    if hf_config is None:
+        raise FlashComm2ConfigError(
+            f"{size_src}={k_raw!r} is invalid: FlashComm2 needs a model configuration to check the "
+            "architecture, but vllm_config.model_config is not set"
+        )
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise _bad(
+            size_src, k_raw,
+            f"FlashComm2 does not support architecture {archs or None}; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}",
+        )
+
+    if cfg.oshared:
+        layers = int(hf_config.num_hidden_layers)
+        stage = _stage_layers(layers, pp)
+        if stage < 1:
+            raise _bad(
+                oshared_src, _raw(cfg, "oshared"),
+                f"o_shared needs at least one hidden layer per pipeline stage, but "
+                f"num_hidden_layers={layers} and pipeline_parallel_size={pp}",
+            )
+        if not 0 <= cfg.prefetch_step <= stage - 1:
+            raise _bad(
+                step_src, _raw(cfg, "prefetch_step"),
+                f"the o_shared prefetch step must be in [0, {stage - 1}] "
+                f"(layers on the smallest pipeline stage - 1: num_hidden_layers="
+                f"{layers} // pipeline_parallel_size={pp} = {stage})",
+            )
+
+
+# --------------------------------------------------------------------------
+# the engine entry point
+# --------------------------------------------------------------------------
+
+
+def get_flashcomm2_config(vllm_config: Any) -> FlashComm2Config:
+    """Parse (``os.environ`` + ``vllm_config.additional_config``), validate, log once."""
+    from vllm_ascend_ext.logger import init_logger
+
+    cfg = parse_flashcomm2_config(
+        os.environ, getattr(vllm_config, "additional_config", None) or {}
+    )
+    validate_flashcomm2_config(cfg, vllm_config)
+    logger = init_logger(__name__)
+    parallel = vllm_config.parallel_config
+    logger.info_once(
+        "%s (tensor_parallel_size=%d, pipeline_parallel_size=%d, "
+        "data_parallel_size=%d)",
+        cfg.describe(),
+        parallel.tensor_parallel_size,
+        getattr(parallel, "pipeline_parallel_size", 1),
+        getattr(parallel, "data_parallel_size", 1),
+    )
+    return cfg

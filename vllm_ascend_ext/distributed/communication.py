@@ -1,0 +1,188 @@
+"""Collectives of the FlashComm2 o_proj as torch custom ops.
+
+torch.compile cannot trace a ``GroupCoordinator`` argument, so -- like vLLM's
+own ``torch.ops.vllm.all_gather`` -- each op takes the coordinator's
+``unique_name`` and looks the coordinator up in vLLM's group registry at run
+time.  The real implementations call plain ``torch.distributed`` collectives
+on the coordinator's ``device_group`` (gloo on CPU, HCCL on Ascend, NCCL on
+CUDA); the fake implementations only describe the output shape.
+
+All three ops work on dim 0 with equal splits:
+
+* ``flashcomm2_all_to_all(x, group_name)``: chunk ``i`` of ``x`` goes to group
+  rank ``i``; chunk ``i`` of the result came from group rank ``i``.
+* ``flashcomm2_reduce_scatter(x, world_size, group_name)``: sum over the
+  group, group rank ``r`` keeps rows ``[r*n/ws, (r+1)*n/ws)``.
+* ``flashcomm2_all_gather(x, world_size, group_name)``: concatenation of every
+  group rank's ``x`` in group-rank order.
+
+For tests, :func:`set_poison_outputs` makes every op fill its freshly
+allocated output with NaN before the collective writes it, so a region the
+collective fails to write cannot pass for data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "all_gather_dim0",
+    "all_to_all_dim0",
+    "lookup_group",
+    "poison_outputs_enabled",
+    "reduce_scatter_dim0",
+    "set_poison_outputs",
+]
+
+_OP_NAMESPACE = "vllm_ascend_ext"
+_lib = torch.library.Library(_OP_NAMESPACE, "FRAGMENT")  # noqa: TID251
+
+_poison = False
+
+# torch 2.13 renamed the tensor-in/tensor-out collectives; older torch builds
+# (e.g. the one torch_npu pins) only have the old names.
+_reduce_scatter_impl = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_impl = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def set_poison_outputs(enabled: bool) -> None:
+    """Test aid: NaN-fill collective outputs before they are written."""
+    global _poison
+    _poison = bool(enabled)
+
+
+def poison_outputs_enabled() -> bool:
+    return _poison
+
+
+def _new_output(shape: list[int] | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    if _poison and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+def lookup_group(group_name: str) -> Any:
+    """The live ``GroupCoordinator`` registered under ``group_name``."""
+    from vllm.distributed import parallel_state as ps
+
+    ref = ps._groups.get(group_name)
+    group = ref() if ref is not None else None
+    if group is None:
+        raise RuntimeError(
+            f"FlashComm2: process group {group_name!r} is not registered or was "
+            "destroyed (were the FlashComm2 groups torn down before the model?)"
+        )
+    return group
+
+
+# --------------------------------------------------------------------------
+# real implementations
+# --------------------------------------------------------------------------
+
+
+def _all_to_all(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    group = lookup_group(group_name)
+    if x.shape[0] % group.world_size != 0:
+        raise ValueError(
+            f"flashcomm2_all_to_all: {x.shape[0]} rows do not split evenly over "
+            f"{group.world_size} ranks of {group_name!r}"
+        )
+    x = x.contiguous()
+    out = _new_output(x.shape, x)
+    dist.all_to_all_single(out, x, group=group.device_group)
+    return out
+
+
+def _reduce_scatter(x: torch.Tensor, world_size: int, group_name: str) -> torch.Tensor:
+    group = lookup_group(group_name)
+    if group.world_size != world_size or x.shape[0] % world_size != 0:
+        raise ValueError(
+            f"flashcomm2_reduce_scatter: {x.shape[0]} rows over world_size="
+            f"{world_size} does not fit group {group_name!r} of size {group.world_size}"
+        )
+    x = x.contiguous()
+    out = _new_output([x.shape[0] // world_size, *x.shape[1:]], x)
+    _reduce_scatter_impl(out, x, group=group.device_group)
+    return out
+
+
+def _all_gather(x: torch.Tensor, world_size: int, group_name: str) -> torch.Tensor:
+    group = lookup_group(group_name)
+    if group.world_size != world_size:
+        raise ValueError(
+            f"flashcomm2_all_gather: world_size={world_size} does not match group "
+            f"{group_name!r} of size {group.world_size}"
+        )
+    x = x.contiguous()
+    out = _new_output([x.shape[0] * world_size, *x.shape[1:]], x)
+    _all_gather_impl(out, x, group=group.device_group)
+    return out
+
+
+# --------------------------------------------------------------------------
+# fake (meta) implementations: shapes only
+# --------------------------------------------------------------------------
+
+
+def _all_to_all_fake(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _reduce_scatter_fake(
+    x: torch.Tensor, world_size: int, group_name: str
+) -> torch.Tensor:
+    return x.new_empty([x.shape[0] // world_size, *x.shape[1:]])
+
+
+def _all_gather_fake(x: torch.Tensor, world_size: int, group_name: str) -> torch.Tensor:
+    return x.new_empty([x.shape[0] * world_size, *x.shape[1:]])
+
+
+def _register_ops() -> None:
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    ns = getattr(torch.ops, _OP_NAMESPACE)
+    for name, impl, fake in (
+        ("flashcomm2_all_to_all", _all_to_all, _all_to_all_fake),
+        ("flashcomm2_reduce_scatter", _reduce_scatter, _reduce_scatter_fake),
+        ("flashcomm2_all_gather", _all_gather, _all_gather_fake),
+    ):
+        if hasattr(ns, name):  # module imported twice: keep the first definition
+            continue
+        direct_register_custom_op(
+            op_name=name, op_func=impl, fake_impl=fake, target_lib=_lib
+        )
+
+
+_register_ops()
+
+
+# --------------------------------------------------------------------------
+# callers' entry points (no-ops on single-rank groups)
+# --------------------------------------------------------------------------
+
+
+def all_to_all_dim0(x: torch.Tensor, group: Any) -> torch.Tensor:
+    if group.world_size == 1:
+        return x
+    return torch.ops.vllm_ascend_ext.flashcomm2_all_to_all(x, group.unique_name)
+
+
+def reduce_scatter_dim0(x: torch.Tensor, group: Any) -> torch.Tensor:
+    if group.world_size == 1:
+        return x
+    return torch.ops.vllm_ascend_ext.flashcomm2_reduce_scatter(
+        x, group.world_size, group.unique_name
+    )
+
+
+def all_gather_dim0(x: torch.Tensor, group: Any) -> torch.Tensor:
+    if group.world_size == 1:
+        return x
+    return torch.ops.vllm_ascend_ext.flashcomm2_all_gather(
+        x, group.world_size, group.unique_name
+    )

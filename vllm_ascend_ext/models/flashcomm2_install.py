@@ -1,0 +1,158 @@
+"""Put the FlashComm2 o_proj (and its o_shared series) into a built vLLM model.
+
+Our model classes are vLLM's own classes plus one step after ``__init__``:
+``install_flashcomm2`` walks the freshly built (not yet loaded) model, and
+swaps every hidden layer's ``self_attn.o_proj`` for the FlashComm2 op.  With
+the flags off it does nothing, so the model is exactly vLLM's.
+
+Why a swap after construction rather than re-implementing the attention
+classes: vLLM builds o_proj in half a dozen places (MLA, non-MLA DeepSeek,
+Qwen2/3/3-MoE), and re-implementing them would fork code that changes every
+release.  The swap touches only the o_proj, before any weight is loaded, one
+layer at a time, so peak memory grows by at most one layer's o_proj.
+
+Hidden-layer filtering: only layers with index < ``num_hidden_layers`` take
+part.  DeepSeek's MTP layer (index == ``num_hidden_layers``) keeps vLLM's
+``RowParallelLinear``; vLLM's main model skips its weights anyway, and the MTP
+draft model is vLLM's class, which we never touch.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from vllm_ascend_ext.logger import init_logger
+
+logger = init_logger(__name__)
+
+_series_ids = itertools.count()
+
+
+@dataclass
+class FlashComm2ModelState:
+    """What ``install_flashcomm2`` did to one model instance."""
+
+    config: object  # FlashComm2Config
+    o_proj_prefixes: list[str] = field(default_factory=list)
+    series: object | None = None  # SharedWeightSeries when o_shared is on
+    closed: bool = False
+
+    def close(self) -> None:
+        """Drain o_shared's broadcasts, release the series and our groups.
+
+        vLLM 0.32 offers a plugin no teardown hook, so this runs at worker
+        exit (``atexit``); it tolerates vLLM having torn down
+        torch.distributed first.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        from vllm_ascend_ext.distributed.parallel_state import destroy_flashcomm2_groups
+
+        try:
+            if self.series is not None:
+                self.series.close()
+        except RuntimeError as e:  # process group already gone
+            logger.debug("o_shared series close: %s", e)
+        finally:
+            destroy_flashcomm2_groups()
+
+
+def _o_proj_sites(model: nn.Module, num_hidden_layers: int):
+    from vllm.model_executor.layers.linear import RowParallelLinear
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    for name, module in model.named_modules():
+        if not name.endswith("self_attn.o_proj") or not isinstance(module, RowParallelLinear):
+            continue
+        layer_idx = extract_layer_index(name)
+        if layer_idx >= num_hidden_layers:
+            continue  # MTP / spec-decode layers keep vLLM's o_proj
+        yield name, layer_idx, module
+
+
+def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> int:
+    """Point every parent that holds ``old`` as a child at ``new``.
+
+    MLA keeps the same o_proj object twice (the attention's ``o_proj`` and the
+    MLA wrapper's), so a single ``setattr`` would leave a stale copy in use.
+    """
+    hits = 0
+    for parent in root.modules():
+        for child_name, child in list(parent._modules.items()):
+            if child is old:
+                parent._modules[child_name] = new
+                hits += 1
+    return hits
+
+
+def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | None:
+    from vllm_ascend_ext.config import get_flashcomm2_config
+
+    cfg = get_flashcomm2_config(vllm_config)
+    if not cfg.enabled:
+        return None
+
+    from vllm.distributed import get_pp_group
+
+    from vllm_ascend_ext.distributed.parallel_state import (
+        get_flashcomm2_oshared_group,
+        init_flashcomm2_groups,
+    )
+    from vllm_ascend_ext.ops.flashcomm2_oproj import FlashComm2RowParallelLinear
+
+    init_flashcomm2_groups(cfg)
+    hf_config = vllm_config.model_config.hf_text_config
+    state = FlashComm2ModelState(config=cfg)
+    if cfg.oshared:
+        from vllm_ascend_ext.ops.shared_weight import SharedWeightSeries
+
+        state.series = SharedWeightSeries(
+            name=f"o_proj.pp{get_pp_group().rank_in_group}.{next(_series_ids)}",
+            group=get_flashcomm2_oshared_group(),
+            prefetch_step=cfg.prefetch_step,
+        )
+
+    for name, layer_idx, old in list(_o_proj_sites(model, hf_config.num_hidden_layers)):
+        new = FlashComm2RowParallelLinear(
+            input_size=old.input_size,
+            output_size=old.output_size,
+            bias=old.bias is not None,
+            skip_bias_add=old.skip_bias_add,
+            params_dtype=old.params_dtype,
+            quant_config=old.quant_config,
+            prefix=old.prefix or name,
+            return_bias=old.return_bias,
+        )
+        if replace_module(model, old, new) == 0:
+            raise RuntimeError(f"could not place the FlashComm2 o_proj at {name}")
+        if state.series is not None:
+            # Registered right away, so a non-owned layer's full weight is
+            # released before the next layer's is allocated.
+            state.series.add_layer(new, layer_idx)
+        state.o_proj_prefixes.append(name)
+        del old
+
+    atexit.register(state.close)
+    if not state.o_proj_prefixes:
+        logger.warning("FlashComm2 is on but this pipeline stage has no hidden-layer o_proj.")
+    logger.info(
+        "[vllm_ascend_ext] FlashComm2 o_proj installed on %d layers (o_proj TP size %d, "
+        "o_shared %s, prefetch step %d)",
+        len(state.o_proj_prefixes), cfg.parallel_size, "on" if cfg.oshared else "off",
+        cfg.prefetch_step,
+    )
+    return state
+
+
+class FlashComm2ModelMixin:
+    """Mixed in front of a vLLM ``*ForCausalLM``: build vLLM's model, then
+    install FlashComm2 when the flags ask for it."""
+
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self.flashcomm2 = install_flashcomm2(self, vllm_config)

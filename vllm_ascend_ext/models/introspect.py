@@ -1,0 +1,49 @@
+"""Read, from inside a running vLLM worker, what the o_proj weights really hold.
+
+Used through ``LLM.collective_rpc(oproj_memory)``: every worker sums the bytes
+of the distinct storages behind its hidden layers' o_proj parameters (so a ring
+slot shared by several layers counts once), and returns them with the o_shared
+series' own report for comparison.
+"""
+
+from __future__ import annotations
+
+
+def _model_of(worker):
+    runner = worker.model_runner
+    return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+
+def oproj_memory(worker) -> dict:
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    model = _model_of(worker)
+    hf_config = model.config if hasattr(model, "config") else None
+    num_hidden = getattr(hf_config, "num_hidden_layers", 1 << 30)
+    storages: dict[int, int] = {}
+    layers = 0
+    for name, module in model.named_modules():
+        if not name.endswith("self_attn.o_proj") or not isinstance(module, LinearBase):
+            continue
+        if extract_layer_index(name) >= num_hidden:
+            continue
+        layers += 1
+        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        for t in tensors:
+            st = t.untyped_storage()
+            if st.nbytes():
+                storages[st.data_ptr()] = st.nbytes()
+    state = getattr(model, "flashcomm2", None)
+    series = getattr(state, "series", None) if state is not None else None
+    report = None
+    if series is not None:
+        r = series.memory_report()
+        report = {k: v for k, v in vars(r).items()} if hasattr(r, "__dict__") else dict(r)
+    return {
+        "o_proj_layers": layers,
+        "o_proj_storage_bytes": sum(storages.values()),
+        "o_proj_classes": sorted({type(m).__name__ for n, m in model.named_modules()
+                                  if n.endswith("self_attn.o_proj")}),
+        "series_report": report,
+    }

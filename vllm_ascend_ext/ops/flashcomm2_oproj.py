@@ -1,0 +1,364 @@
+"""FlashComm2 o_proj: all-to-all before the projection instead of an all-reduce after.
+
+Notation: ``T`` tokens, ``P`` TP size, ``k`` o_proj TP (OTP) size, ``D = P/k``
+(ODP size), ``a`` o_proj input features (heads x v_head_dim), ``h`` hidden
+size.  TP rank ``r = j*D + i`` is OTP rank ``j`` and ODP rank ``i`` (see
+``vllm_ascend_ext.distributed.parallel_state``); it receives ``[T, a/P]``
+(its heads) and holds o_proj input columns ``[j*a/k, (j+1)*a/k)``.
+
+Forward on every TP rank:
+
+1. pad ``T`` to ``T_pad``, a multiple of ``P`` (zero rows); token block ``b``
+   (``b < P``) is rows ``[b*T_pad/P, (b+1)*T_pad/P)``;
+2. reorder blocks so that all-to-all chunk ``i`` (sent to ODP rank ``i``)
+   holds blocks ``j*D + i`` for ``j < k``, in ``j`` order (identity when
+   ``k = 1``);
+3. all-to-all over ODP: chunk ``i`` comes back from ODP rank ``i`` holding the
+   same token rows for that rank's ``a/P`` columns; concatenating the ``D``
+   chunks along features gives ``[T_pad*k/P, a/k]``, exactly this rank's o_proj
+   input columns for the token blocks ``{j*D + i_self}``;
+4. local matmul with the o_proj shard (``quant_method.apply``) -> partial sums
+   ``[T_pad*k/P, h]``;
+5. ``k > 1``: reduce-scatter over OTP -> ``[T_pad/P, h]``; OTP rank ``j`` keeps
+   block ``j*D + i`` = its TP rank ``r``: the usual sequence-parallel layout;
+6. bias (once, after the reduction);
+7. unless a token-sharded (sequence-parallel) output is asked for: all-gather
+   over TP -> ``[T_pad, h]`` in token order, padding rows removed.
+
+The block bookkeeping lives in :func:`flashcomm2_plan` and
+:func:`permute_blocks_for_all_to_all`, which the communication-volume
+benchmark uses too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn import Parameter
+
+from vllm.model_executor.layers.linear import (
+    WEIGHT_LOADER_V2_SUPPORTED,
+    LinearBase,
+    RowParallelLinear,
+)
+from vllm.model_executor.utils import set_weight_attrs
+
+from vllm_ascend_ext.distributed.communication import (
+    all_gather_dim0,
+    all_to_all_dim0,
+    reduce_scatter_dim0,
+)
+
+__all__ = [
+    "FlashComm2Plan",
+    "FlashComm2RowParallelLinear",
+    "flashcomm2_plan",
+    "padded_token_count",
+    "permute_blocks_for_all_to_all",
+]
+
+
+# --------------------------------------------------------------------------
+# token bookkeeping shared with the benchmark
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlashComm2Plan:
+    """Row counts of one FlashComm2 o_proj call on one TP rank."""
+
+    num_tokens: int
+    tp_size: int  # P
+    otp_size: int  # k
+    padded_tokens: int  # T_pad
+    block_rows: int  # T_pad / P: rows per token block
+
+    @property
+    def odp_size(self) -> int:
+        return self.tp_size // self.otp_size
+
+    @property
+    def pad_rows(self) -> int:
+        return self.padded_tokens - self.num_tokens
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows of one all-to-all chunk (one per ODP peer): k blocks."""
+        return self.otp_size * self.block_rows
+
+    def chunk_blocks(self, odp_rank: int) -> list[int]:
+        """Token blocks in all-to-all chunk ``odp_rank``, in the order sent."""
+        D = self.odp_size
+        return [j * D + odp_rank for j in range(self.otp_size)]
+
+    @property
+    def all_to_all_send_rows(self) -> list[int]:
+        """Rows sent to each ODP rank (including the chunk a rank keeps)."""
+        return [self.chunk_rows] * self.odp_size
+
+    @property
+    def matmul_rows(self) -> int:
+        return self.chunk_rows
+
+    @property
+    def reduce_scatter_rows(self) -> tuple[int, int]:
+        """(input rows, output rows) of the OTP reduce-scatter (equal if k = 1)."""
+        return self.chunk_rows, self.block_rows
+
+    @property
+    def all_gather_rows(self) -> tuple[int, int]:
+        """(input rows, output rows) of the TP all-gather."""
+        return self.block_rows, self.padded_tokens
+
+
+def padded_token_count(num_tokens: int, tp_size: int) -> int:
+    """``num_tokens`` rounded up to a multiple of ``tp_size`` (works on SymInts)."""
+    return (num_tokens + tp_size - 1) // tp_size * tp_size
+
+
+def flashcomm2_plan(num_tokens: int, tp_size: int, otp_size: int) -> FlashComm2Plan:
+    """Padding and block sizes for ``num_tokens`` tokens over TP ``tp_size``, OTP ``otp_size``."""
+    if tp_size < 1 or otp_size < 1 or tp_size % otp_size:
+        raise ValueError(
+            f"o_proj TP size {otp_size} must be a positive divisor of TP size {tp_size}"
+        )
+    padded = padded_token_count(num_tokens, tp_size)
+    return FlashComm2Plan(num_tokens, tp_size, otp_size, padded, padded // tp_size)
+
+
+def permute_blocks_for_all_to_all(x: torch.Tensor, tp_size: int, otp_size: int) -> torch.Tensor:
+    """Reorder the ``P`` token blocks of ``x`` (rows a multiple of ``P``) for the all-to-all.
+
+    Block ``j*D + i`` moves to slot ``i*k + j``: all-to-all chunk ``i`` then
+    holds blocks ``j*D + i`` for ``j < k`` (see :meth:`FlashComm2Plan.chunk_blocks`).
+    """
+    k, D = otp_size, tp_size // otp_size
+    if k == 1:
+        return x.contiguous()
+    rows, cols = x.shape
+    blk = rows // tp_size
+    return x.view(k, D, blk, cols).transpose(0, 1).contiguous().view(rows, cols)
+
+
+# --------------------------------------------------------------------------
+# the layer
+# --------------------------------------------------------------------------
+
+
+class FlashComm2RowParallelLinear(RowParallelLinear):
+    """Drop-in o_proj for ``RowParallelLinear`` using FlashComm2.
+
+    The weight is sharded ``k`` ways along its input dimension by OTP rank
+    (``self.tp_rank`` / ``self.tp_size`` are the OTP rank / size, so
+    ``RowParallelLinear.weight_loader`` loads the right columns; ``k = 1``
+    loads the full matrix).  The input is this TP rank's ``[T, a/P]`` slice,
+    as for a row-parallel o_proj with ``input_is_parallel=True``; the output
+    is the full ``[T, h]`` (like after the all-reduce), or with
+    ``sequence_parallel_output`` the padded token block ``[T_pad/P, h]`` of
+    this TP rank.
+
+    ``forward`` accepts and ignores extra keyword arguments (vllm-ascend's MLA
+    calls ``o_proj(x, is_prefill=...)``).  A shared-weight (o_shared) series
+    that registers this layer finds ``places_shared_weight_hooks`` and relies
+    on the layer to call ``series.wait`` right before the matmul and
+    ``series.prefetch_after`` right after it.
+    """
+
+    places_shared_weight_hooks = True
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = True,
+        input_is_parallel: bool = True,
+        skip_bias_add: bool = False,
+        params_dtype: torch.dtype | None = None,
+        reduce_results: bool = True,
+        quant_config: Any = None,
+        prefix: str = "",
+        *,
+        return_bias: bool = True,
+        disable_tp: bool = False,
+        sequence_parallel_output: bool = False,
+        tp_group: Any = None,
+        otp_group: Any = None,
+        odp_group: Any = None,
+    ):
+        if not input_is_parallel:
+            raise ValueError(
+                f"{type(self).__name__} ({prefix!r}): input_is_parallel=False is not "
+                "supported; FlashComm2 consumes each TP rank's own input slice"
+            )
+        if not reduce_results:
+            raise ValueError(
+                f"{type(self).__name__} ({prefix!r}): reduce_results=False is not "
+                "supported; FlashComm2 always reduces (use sequence_parallel_output "
+                "to keep the output token-sharded)"
+            )
+        if disable_tp:
+            raise ValueError(
+                f"{type(self).__name__} ({prefix!r}): disable_tp=True is not supported; "
+                "use a plain RowParallelLinear/ReplicatedLinear"
+            )
+        if tp_group is None:
+            from vllm.distributed import get_tp_group
+
+            tp_group = get_tp_group()
+        if otp_group is None or odp_group is None:
+            from vllm_ascend_ext.distributed.parallel_state import (
+                get_flashcomm2_odp_group,
+                get_flashcomm2_otp_group,
+            )
+
+            otp_group = otp_group if otp_group is not None else get_flashcomm2_otp_group()
+            odp_group = odp_group if odp_group is not None else get_flashcomm2_odp_group()
+
+        P, k, D = tp_group.world_size, otp_group.world_size, odp_group.world_size
+        if k * D != P:
+            raise ValueError(
+                f"{type(self).__name__} ({prefix!r}): OTP size {k} x ODP size {D} "
+                f"!= TP size {P}"
+            )
+        r, j, i = tp_group.rank_in_group, otp_group.rank_in_group, odp_group.rank_in_group
+        if r != j * D + i:
+            raise ValueError(
+                f"{type(self).__name__} ({prefix!r}): TP rank {r} is OTP rank {j} and "
+                f"ODP rank {i}, but the FlashComm2 layout needs TP rank = OTP rank * "
+                f"{D} + ODP rank; build the groups with split_tp_group()"
+            )
+        if input_size % P:
+            raise ValueError(
+                f"{type(self).__name__} ({prefix!r}): input_size={input_size} is not "
+                f"divisible by the TP size {P}"
+            )
+
+        LinearBase.__init__(
+            self,
+            input_size,
+            output_size,
+            bias,
+            skip_bias_add,
+            params_dtype,
+            quant_config,
+            prefix,
+            return_bias=return_bias,
+            tp_rank=j,
+            tp_size=k,
+        )
+        # RowParallelLinear's attributes, with the OTP group as "TP".
+        self.input_size_per_partition = input_size // k
+        self.output_size_per_partition = output_size
+        self.output_partition_sizes = [output_size]
+        self.input_is_parallel = True
+        self.reduce_results = True
+        self.sequence_parallel_output = sequence_parallel_output
+
+        self.flashcomm2_tp_group = tp_group
+        self.flashcomm2_otp_group = otp_group
+        self.flashcomm2_odp_group = odp_group
+        self.flashcomm2_tp_size = P
+        self.flashcomm2_tp_rank = r
+        self.otp_size = k
+        self.odp_size = D
+        self.input_size_per_tp_rank = input_size // P
+
+        self.quant_method.create_weights(
+            layer=self,
+            input_size_per_partition=self.input_size_per_partition,
+            output_partition_sizes=self.output_partition_sizes,
+            input_size=self.input_size,
+            output_size=self.output_size,
+            params_dtype=self.params_dtype,
+            weight_loader=(
+                self.weight_loader_v2
+                if self.quant_method.__class__.__name__ in WEIGHT_LOADER_V2_SUPPORTED
+                else self.weight_loader
+            ),
+        )
+        if bias:
+            self.bias = Parameter(
+                torch.empty(self.output_size, dtype=self.params_dtype),
+                requires_grad=False,
+            )
+            set_weight_attrs(self.bias, {"output_dim": 0, "weight_loader": self.weight_loader})
+        else:
+            self.register_parameter("bias", None)
+        self.update_param_tp_status()
+
+    # ------------------------------------------------------------------ run
+
+    def forward(
+        self,
+        input_: torch.Tensor,
+        sequence_parallel_output: bool | None = None,
+        **_ignored: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, Parameter | None]:
+        sp = (
+            self.sequence_parallel_output
+            if sequence_parallel_output is None
+            else sequence_parallel_output
+        )
+        a_local = self.input_size_per_tp_rank
+        if input_.shape[-1] != a_local:
+            raise ValueError(
+                f"{type(self).__name__} ({self.prefix!r}): expected {a_local} input "
+                f"features per TP rank, got {input_.shape[-1]}"
+            )
+        lead = input_.shape[:-1]
+        x = input_.reshape(-1, a_local)
+        P, k, D = self.flashcomm2_tp_size, self.otp_size, self.odp_size
+        # (1) No branch on the pad amount: under torch.compile the token count
+        # is symbolic and a branch would specialise the graph on T % P.
+        num_tokens = x.shape[0]
+        padded = padded_token_count(num_tokens, P)
+        x = F.pad(x, (0, 0, 0, padded - num_tokens))
+        chunk_rows = padded // P * k
+
+        # (2)+(3): chunk i -> ODP rank i; back: D chunks of [k*blk, a/P].
+        send = permute_blocks_for_all_to_all(x, P, k)
+        recv = all_to_all_dim0(send, self.flashcomm2_odp_group)
+        x_shard = recv.view(D, chunk_rows, a_local).transpose(0, 1).reshape(
+            chunk_rows, D * a_local
+        )
+
+        # (4) local matmul, with o_shared's hooks around it when registered.
+        bias = self.bias
+        add_bias = bias is not None and not self.skip_bias_add
+        fuse_bias = add_bias and k == 1
+        series = getattr(self, "shared_weight_series", None)
+        if series is not None:
+            series.wait(self, x_shard)
+            if bias is not None:
+                # o_shared keeps the bias in the same ring slot as the weight:
+                # the prefetch below overwrites it, so keep a private copy for
+                # the add after the reduction and for skip_bias_add callers.
+                bias = bias.clone()
+        out = self.quant_method.apply(self, x_shard, bias if fuse_bias else None)
+        if series is not None:
+            series.prefetch_after(self, out)
+
+        # (5) sum the k partial products; this rank keeps token block r.
+        out = reduce_scatter_dim0(out, self.flashcomm2_otp_group)
+        if add_bias and not fuse_bias:
+            out = out + bias  # (6) once, after the reduction
+
+        if not sp:
+            # (7) back to every token on every rank, in token order.
+            out = all_gather_dim0(out, self.flashcomm2_tp_group)
+            out = out[:num_tokens].reshape(*lead, self.output_size)
+
+        if not self.return_bias:
+            return out
+        return out, (bias if self.skip_bias_add else None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.input_size}, output_features={self.output_size}, "
+            f"bias={self.bias is not None}, tp_size={self.flashcomm2_tp_size}, "
+            f"otp_size={self.otp_size}, odp_size={self.odp_size}, "
+            f"sequence_parallel_output={self.sequence_parallel_output}"
+        )
