@@ -499,7 +499,7 @@ def format_text(p: dict[str, Any]) -> str:
     out.append(f"  FC2 all-to-all / FC1 reduce-scatter bytes: {p['fc2_to_fc1_ratio']:.3f}"
                + (" (= a/(P*h))" if x["otp_size"] == 1 else ""))
     be = p["break_even_tokens"]
-    out.append(f"  break-even (o_shared broadcast = FC2 saving): "
+    out.append("  break-even (o_shared broadcast = FC2 saving): "
                + (f"{be:,.0f} tokens" if be is not None else "never"))
     out += ["", "recommendation"] + [f"  - {line}" for line in p["recommendation"]]
     return "\n".join(out)

@@ -30,24 +30,17 @@ HERE = Path(__file__).resolve().parent
 PROMPT_LOGPROB_ATOL = 2e-3
 
 
-def omp_bind(world_size: int) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for a 2-core machine: one core per rank."""
-    if world_size == 1:
-        return "0-1" if (os.cpu_count() or 1) > 1 else "0"
-    return "|".join(str(r % max(1, os.cpu_count() or 1)) for r in range(world_size))
-
-
 def base_env(world_size: int) -> dict[str, str]:
-    env = {
+    from vllm_ascend_ext.local_server import cpu_env
+
+    env = cpu_env(world_size)  # the same CPU env `make demo` and the server tests use
+    env.update({
         "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_CPU_OMP_THREADS_BIND": omp_bind(world_size),
         "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
         # The engine core runs in the test's child process itself: one
         # process (and one vLLM import) fewer per engine.
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONUNBUFFERED": "1",
-    }
+    })
     return env
 
 
