@@ -53,20 +53,20 @@ def _model_dir(args) -> str:
     return str(make_tiny_checkpoint(arch, out, num_hidden_layers=layers, hidden_size=hidden))
 
 
-def _oproj_bytes(model: str, tp: int, oshared: bool, fc2: bool) -> int:
-    """o_proj bytes rank 0 holds (fp32): the formulas tests/e2e/test_memory.py
-    checks against the workers' real storages."""
-    cfg = json.loads((Path(model) / "config.json").read_text())
-    heads = cfg["num_attention_heads"]
-    v = cfg.get("v_head_dim") or cfg.get("head_dim") or cfg["hidden_size"] // heads
-    a, h, L = heads * v, cfg["hidden_size"], cfg["num_hidden_layers"]
-    w = a * h * 4  # fp32 checkpoints
-    if not fc2:
-        return L * w // tp
-    if not oshared:
-        return L * w
-    owned = sum(1 for i in range(L) if i % tp == 0)
-    return owned * w + w  # one ring slot at prefetch step 1
+def _oproj_bytes(model: str, tp: int, flags: dict) -> int:
+    """o_proj bytes group rank 0 holds (fp32 checkpoints), from the capacity
+    planner's model of the ring, which tests/test_planner.py checks against
+    the real series."""
+    from vllm_ascend_ext import planner
+
+    shape = planner.load_model_shape(model)
+    L, W = shape.num_layers, shape.o_proj_in * shape.hidden_size * 4
+    if not flags:
+        return L * W // tp  # plain TP: a 1/TP shard of every layer
+    if flags.get("VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED") != "1":
+        return L * W  # FlashComm2 k=1: the full o_proj everywhere
+    slots = planner.ring_slots(0, L, tp, 0, prefetch_step=1)
+    return (planner.owned_layers(0, L, tp, 0) + slots) * W
 
 
 def run_one(model: str, tp: int, env_flags: dict, args) -> dict:
@@ -83,9 +83,8 @@ def run_one(model: str, tp: int, env_flags: dict, args) -> dict:
                "--random-input-len", str(args.input_len), "--random-output-len",
                str(args.output_len), "--num-prompts", str(args.num_prompts),
                "--max-model-len", str(args.input_len + args.output_len + 16),
-               "--dtype", args.dtype, "--output-json", str(out_json), "--seed", "0"]
-        if args.enforce_eager:
-            cmd.append("--enforce-eager")
+               "--dtype", args.dtype, "--output-json", str(out_json), "--seed", "0",
+               "--enforce-eager"]
         t0 = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -104,7 +103,6 @@ def main(argv=None) -> int:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--enforce-eager", action="store_true", default=True)
     ap.add_argument("--no-cpu-env", action="store_true", help="do not set CPU vLLM env (NPU)")
     ap.add_argument("--out", default=str(ROOT / "results/bench_throughput.json"))
     args = ap.parse_args(argv)
@@ -117,8 +115,7 @@ def main(argv=None) -> int:
             "config": name, "flags": flags,
             "tokens_per_s": data["tokens_per_second"],
             "requests_per_s": data["requests_per_second"],
-            "o_proj_bytes_per_rank": _oproj_bytes(model, args.tp, "OSHARED" in " ".join(flags),
-                                                  bool(flags)),
+            "o_proj_bytes_per_rank": _oproj_bytes(model, args.tp, flags),
         })
         print(f"{name}: {data['tokens_per_second']:.1f} tok/s", flush=True)
     base = rows[0]["tokens_per_s"]

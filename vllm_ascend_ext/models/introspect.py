@@ -8,6 +8,8 @@ series' own report for comparison.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 
 def _model_of(worker):
     runner = worker.model_runner
@@ -22,6 +24,7 @@ def oproj_memory(worker) -> dict:
     hf_config = model.config if hasattr(model, "config") else None
     num_hidden = getattr(hf_config, "num_hidden_layers", 1 << 30)
     storages: dict[int, int] = {}
+    classes: set[str] = set()
     layers = 0
     for name, module in model.named_modules():
         if not name.endswith("self_attn.o_proj") or not isinstance(module, LinearBase):
@@ -29,21 +32,16 @@ def oproj_memory(worker) -> dict:
         if extract_layer_index(name) >= num_hidden:
             continue
         layers += 1
+        classes.add(type(module).__name__)
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         for t in tensors:
             st = t.untyped_storage()
             if st.nbytes():
                 storages[st.data_ptr()] = st.nbytes()
-    state = getattr(model, "flashcomm2", None)
-    series = getattr(state, "series", None) if state is not None else None
-    report = None
-    if series is not None:
-        r = series.memory_report()
-        report = {k: v for k, v in vars(r).items()} if hasattr(r, "__dict__") else dict(r)
+    series = getattr(getattr(model, "flashcomm2", None), "series", None)
     return {
         "o_proj_layers": layers,
         "o_proj_storage_bytes": sum(storages.values()),
-        "o_proj_classes": sorted({type(m).__name__ for n, m in model.named_modules()
-                                  if n.endswith("self_attn.o_proj")}),
-        "series_report": report,
+        "o_proj_classes": sorted(classes),
+        "series_report": None if series is None else asdict(series.memory_report()),
     }
