@@ -37,7 +37,11 @@ def _patch(site: Path, patch: Path, *extra: str) -> bool:
 
 
 def state(site: Path, patch: Path) -> str:
-    """'applied', 'pending' or 'conflict'."""
+    """'applied', 'pending', 'conflict' or 'empty'."""
+    # GNU patch "reverse-applies" a file with no hunks, which would make an
+    # empty (e.g. badly generated) patch look applied.
+    if b"\n@@ " not in b"\n" + patch.read_bytes():
+        return "empty"
     if _patch(site, patch, "--dry-run", "--reverse", "--force"):
         return "applied"
     if _patch(site, patch, "--dry-run", "--forward"):
@@ -70,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                 "is it the pinned version (see setup.py SUPPORTED_VLLM)?",
                 file=sys.stderr,
             )
+            failed = True
+        elif st == "empty":
+            print(f"error: {patch.name} has no hunks", file=sys.stderr)
             failed = True
         elif st == "pending" and args.command == "check":
             failed = True

@@ -6,7 +6,9 @@ Three 4-rank worlds, each spawned once (every case loops inside the workers):
 * DP2 x TP2 (vLLM's own DP layout: ``ParallelConfig(data_parallel_size=2)``
   in force while ``initialize_model_parallel(2)`` runs): P=2, k=1; the two
   replicas run *different* call sequences, which would hang if any FlashComm2
-  or o_shared group spanned replicas;
+  or o_shared group spanned replicas (dense DP); then, as MoE DP does, both
+  replicas step in lockstep (one with 1-token dummy batches) through one
+  o_shared series spanning all 4 ranks;
 * PP2 x TP2 (``initialize_model_parallel(2, 2)``): P=2, k=1, the second stage's
   o_shared series starts at layer 3 (not a multiple of the group size).
 
@@ -182,7 +184,7 @@ def _setup_vllm(rank, world_size, tp, pp, dp):
     return vcfg
 
 
-def _check_groups(res, rank, world_size, tp, pp, dp, cfg):
+def _check_groups(res, rank, world_size, tp, pp, dp, cfg, lockstep=False):
     from vllm.distributed import get_tp_group
 
     from vllm_ascend_ext.distributed.parallel_state import (
@@ -197,7 +199,7 @@ def _check_groups(res, rank, world_size, tp, pp, dp, cfg):
     from vllm.distributed import get_dp_group, get_pp_group
 
     k = cfg.parallel_size
-    expected = flashcomm2_group_ranks(world_size, tp, dp, pp, k)
+    expected = flashcomm2_group_ranks(world_size, tp, dp, pp, k, oshared_spans_dp=lockstep)
     # vLLM really laid the world out as (dp, pp, tp), tp innermost.
     grid = torch.arange(world_size).reshape(dp, pp, tp)
     dp_ranks = grid[:, (rank // tp) % pp, rank % tp].tolist()
@@ -209,7 +211,7 @@ def _check_groups(res, rank, world_size, tp, pp, dp, cfg):
     mine = lambda groups: next(g for g in groups if rank in g)  # noqa: E731
     otp, odp, osh = (get_flashcomm2_otp_group(), get_flashcomm2_odp_group(),
                      get_flashcomm2_oshared_group())
-    tag = f"k={k}"
+    tag = f"k={k}" + (" lockstep" if lockstep else "")
     res.add("groups", f"{tag} tp group as vLLM", get_tp_group().ranks == mine(expected.tp),
             detail=f"{get_tp_group().ranks} vs {mine(expected.tp)}")
     res.add("groups", f"{tag} otp", otp.ranks == mine(expected.otp), detail=str(otp.ranks))
@@ -218,7 +220,10 @@ def _check_groups(res, rank, world_size, tp, pp, dp, cfg):
             detail=str(osh.ranks))
     res.add("groups", f"{tag} oshared is its own communicator", osh is not odp
             and osh.device_group is not odp.device_group)
-    init_flashcomm2_groups(cfg)  # idempotent
+    if lockstep:
+        res.add("groups", f"{tag} oshared spans the DP replicas",
+                osh.world_size == dp * tp // k, detail=str(osh.ranks))
+    init_flashcomm2_groups(cfg, dp_lockstep=lockstep)  # idempotent
     res.add("groups", f"{tag} idempotent init", get_flashcomm2_otp_group() is otp)
     other = type(cfg)(parallel_size=k, oshared=False, prefetch_step=1)
     try:
@@ -406,6 +411,21 @@ def _world_worker(rank, world_size, layout):
                         )
                 destroy_flashcomm2_groups()
                 res.add("groups", f"k={k} destroyed", not flashcomm2_groups_initialized())
+            if layout.get("lockstep"):
+                # MoE-style DP: both replicas call every layer equally often
+                # (the idle one with 1-token dummy batches), so one o_shared
+                # series may span them; same weights on every replica.
+                cfg = FlashComm2Config(parallel_size=1, oshared=True, prefetch_step=1)
+                init_flashcomm2_groups(cfg, dp_lockstep=True)
+                _check_groups(res, rank, world_size, tp, pp, dp, cfg, lockstep=True)
+                for dtype in DTYPES:
+                    _run_config(
+                        res, tag="dp2xtp2-lockstep", seed=29, k=1, dtype=dtype,
+                        oshared=True, bias=dtype == torch.float32,
+                        t_values=(5, 64, 3) if replica == 0 else (1, 1, 1),
+                        start_layer=0, tp_rank=tp_rank, P=tp,
+                    )
+                destroy_flashcomm2_groups()
     finally:
         destroy_flashcomm2_groups()
         destroy_model_parallel()
@@ -415,7 +435,8 @@ def _world_worker(rank, world_size, layout):
 LAYOUTS = {
     "tp4": dict(name="tp4", tp=4, pp=1, dp=1, ks=(1, 2), oshared=(False, True),
                 extra=True, compile=2),
-    "dp2xtp2": dict(name="dp2xtp2", tp=2, pp=1, dp=2, ks=(1,), oshared=(False, True)),
+    "dp2xtp2": dict(name="dp2xtp2", tp=2, pp=1, dp=2, ks=(1,), oshared=(False, True),
+                    lockstep=True),
     "pp2xtp2": dict(name="pp2xtp2", tp=2, pp=2, dp=1, ks=(1,), oshared=(False, True)),
 }
 
@@ -496,3 +517,16 @@ def test_sequence_parallel_and_is_prefill_and_oshared_covered(world_results):
     # PP: the second stage's series starts at layer 3 (not a multiple of n=2)
     pp_names = [i["name"] for i in world_results("pp2xtp2") if i["kind"] == "numerics"]
     assert any("oshared=1" in n and "layer=3" in n for n in pp_names)
+
+
+def test_oshared_spans_dp_replicas_in_lockstep(world_results):
+    """MoE-style DP: a 4-rank o_shared series across both replicas, one busy and
+    one running 1-token dummy batches, gives the reference numerics everywhere."""
+    items = world_results("dp2xtp2")
+    lock = [i for i in items if i["kind"] == "numerics" and "dp2xtp2-lockstep" in i["name"]]
+    assert {i["rank"] for i in lock} == {0, 1, 2, 3}
+    assert any(" T=64 " in i["name"] for i in lock if i["rank"] in (0, 1))
+    assert all(" T=1 " in i["name"] for i in lock if i["rank"] in (2, 3))
+    _assert_all(lock)
+    spans = [i for i in items if i["name"] == "k=1 lockstep oshared spans the DP replicas"]
+    assert len(spans) == 4 and all(i["ok"] for i in spans)

@@ -47,8 +47,8 @@ LAYOUTS = [
      [[0, 1, 2, 3]],
      [[0], [1], [2], [3]],
      [[0, 1, 2, 3]]),
-    # FACTS: vLLM 0.32 runs dense-model DP replicas as independent engines, so
-    # an o_shared group must stay inside one replica: [[0,1],[2,3]], never [0..3].
+    # Without lockstep (FACTS: dense DP replicas are independent engines) an
+    # o_shared group stays inside one replica: [[0,1],[2,3]], never [0..3].
     ("DP2xTP2-k1", (4, 2, 2, 1, 1),
      [[0, 1], [2, 3]],
      [[0], [1], [2], [3]],
@@ -68,6 +68,47 @@ def test_layout(args, tp, otp, odp):
     assert g.otp == otp
     assert g.odp == odp
     assert g.oshared == odp
+
+
+# MoE replicas step in lockstep: o_shared joins ODP group j of every replica of
+# one PP stage, replica-major (world, tp, dp, pp, k) -> o_shared.
+LOCKSTEP_LAYOUTS = [
+    ("DP2xTP2-k1", (4, 2, 2, 1, 1), [[0, 1, 2, 3]]),
+    ("DP2xTP4-k2", (8, 4, 2, 1, 2), [[0, 1, 4, 5], [2, 3, 6, 7]]),
+    ("DP2xPP2xTP2-k1", (8, 2, 2, 2, 1), [[0, 1, 4, 5], [2, 3, 6, 7]]),
+    ("DP1xTP4-k2", (4, 4, 1, 1, 2), [[0, 1], [2, 3]]),
+    ("extDP2xDP2xTP2-k1", (8, 2, 2, 1, 1), [[0, 1, 2, 3], [4, 5, 6, 7]]),
+]
+
+
+@pytest.mark.parametrize("args,oshared", [c[1:] for c in LOCKSTEP_LAYOUTS],
+                         ids=[c[0] for c in LOCKSTEP_LAYOUTS])
+def test_lockstep_layout(args, oshared):
+    g = flashcomm2_group_ranks(*args, oshared_spans_dp=True)
+    assert g.oshared == oshared
+    assert g.odp == flashcomm2_group_ranks(*args).odp  # only o_shared changes
+
+
+@pytest.mark.parametrize("world,tp,dp,pp", [(8, 2, 2, 2), (16, 4, 2, 2), (24, 4, 3, 2),
+                                            (16, 8, 2, 1)])
+def test_lockstep_oshared_invariants(world, tp, dp, pp):
+    """One ODP group of each replica, the same shard, never across PP stages."""
+    grid = torch.arange(world).reshape(-1, dp, pp, tp)
+    stage_of = {int(r): (int(e), p) for e in range(grid.shape[0]) for d in range(dp)
+                for p in range(pp) for r in grid[e, d, p]}
+    replica_of = {int(r): (int(e), d) for e in range(grid.shape[0]) for d in range(dp)
+                  for p in range(pp) for r in grid[e, d, p]}
+    for k in [d for d in range(1, tp) if tp % d == 0]:
+        g = flashcomm2_group_ranks(world, tp, dp, pp, k, oshared_spans_dp=True)
+        assert sorted(itertools.chain(*g.oshared)) == list(range(world))
+        for grp in g.oshared:
+            assert len(grp) == dp * (tp // k)
+            assert len({stage_of[r] for r in grp}) == 1
+            assert len({replica_of[r] for r in grp}) == dp
+            members = [d for d in g.odp if set(d) <= set(grp)]
+            assert sum(map(len, members)) == len(grp)  # a union of whole ODP groups
+            shard = {next(o for o in g.otp if r in o).index(r) for r in grp}
+            assert len(shard) == 1  # every member holds the same o_proj shard
 
 
 def _vllm_reference_tp_groups(world, tp, dp, pp, pcp):

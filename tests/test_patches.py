@@ -35,6 +35,20 @@ def test_apply_reports_conflict_on_a_foreign_tree(tmp_path):
     assert "does not apply" in out.stderr
 
 
+def test_apply_rejects_an_empty_patch(tmp_path):
+    """An empty file reverse-applies cleanly in GNU patch; it must not pass as applied."""
+    sys.path.insert(0, str(ROOT / "patches"))
+    try:
+        import apply
+    finally:
+        sys.path.pop(0)
+    empty = tmp_path / "9999-empty.patch"
+    empty.write_text("")
+    (tmp_path / "vllm").mkdir()
+    assert apply.state(tmp_path, empty) == "empty"
+    assert apply.state(tmp_path, ROOT / "patches/0001-cpu-rope-3d-query.patch") == "conflict"
+
+
 # --- 0001: CPU rotary embedding on a 3-D query -------------------------------
 
 @pytest.fixture
@@ -81,3 +95,51 @@ def test_forward_cpu_matches_native_on_mla_q_pe(rope):
     # and the neighbouring nope half is untouched.
     torch.testing.assert_close(q_full[..., 32:], ref_q, rtol=0, atol=1e-5)
     assert torch.equal(q_full[..., :32], q_nope_before)
+
+
+# --- 0003: variable-size all-gather / reduce-scatter on CPU -------------------
+
+# MoE dispatch/combine sizes at DP=2: uneven load, one idle replica, even.
+GATHERV_SIZES = [[3, 1], [0, 2], [2, 2]]
+
+
+def _gatherv_worker(rank, world_size):
+    """One DP-style group over the world; the calls MoE dispatch/combine make."""
+    from dist_utils import make_group_coordinator
+
+    group = make_group_coordinator([list(range(world_size))], "dp_gatherv_test")
+    out = []
+    try:
+        for sizes in GATHERV_SIZES:
+            n = sizes[rank]
+            hidden = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3) + 100 * rank
+            topk_ids = torch.full((n, 2), rank, dtype=torch.int64)
+            gathered = group.all_gatherv([hidden, topk_ids], dim=0, sizes=sizes)
+            single = group.all_gatherv(hidden, dim=0, sizes=sizes)
+            # combine: every rank holds partial sums for all sum(sizes) tokens
+            partial = torch.arange(sum(sizes) * 3, dtype=torch.float32).reshape(-1, 3) * (rank + 1)
+            scattered = group.reduce_scatterv(partial, dim=0, sizes=sizes)
+            out.append(([t.tolist() for t in gathered], single.tolist(), scattered.tolist()))
+        return out
+    finally:
+        group.destroy()
+
+
+def test_cpu_communicator_gatherv_and_reduce_scatterv():
+    """Fails without patch 0003 (NotImplementedError from the base communicator),
+    which is why a MoE model at DP=2 on vLLM CPU died at its first request."""
+    from dist_utils import run_distributed
+
+    out = run_distributed(_gatherv_worker, 2, timeout=120)
+    for case, sizes in enumerate(GATHERV_SIZES):
+        hidden = [torch.arange(n * 3, dtype=torch.float32).reshape(n, 3) + 100 * r
+                  for r, n in enumerate(sizes)]
+        ids = [torch.full((n, 2), r, dtype=torch.int64) for r, n in enumerate(sizes)]
+        total = torch.arange(sum(sizes) * 3, dtype=torch.float32).reshape(-1, 3) * (1 + 2)
+        starts = [0, sizes[0]]
+        for rank in range(2):
+            gathered, single, scattered = out[rank][case]
+            assert gathered[0] == torch.cat(hidden).tolist(), sizes
+            assert gathered[1] == torch.cat(ids).tolist(), sizes
+            assert single == gathered[0], sizes
+            assert scattered == total[starts[rank]:starts[rank] + sizes[rank]].tolist(), sizes

@@ -121,6 +121,104 @@ def test_ring_slots_rule():
     assert pl.ring_slots(0, 3, 1, 0, 1) == 0  # a group of one owns everything
 
 
+# ------------------------------------------------------ data parallelism
+
+
+def test_presets_say_whether_they_are_moe():
+    assert DSV3.is_moe and QWEN235.is_moe and not PRESETS["qwen3-32b"].is_moe
+
+
+def test_moe_oshared_group_spans_dp_replicas():
+    # DeepSeek-V3 (MoE) at TP16 x DP2: the replicas step in lockstep, so one
+    # o_shared group joins both replicas' ODP groups: n = 2 * 16 = 32
+    one = plan(DSV3, PlanInputs(tp=16, dp=1))
+    two = plan(DSV3, PlanInputs(tp=16, dp=2))
+    assert one["layout"]["oshared_group_size"] == 16 and not one["layout"]["oshared_spans_dp"]
+    assert two["layout"]["oshared_group_size"] == 32 and two["layout"]["oshared_spans_dp"]
+    assert one["layout"]["odp_group_size"] == two["layout"]["odp_group_size"] == 16
+    assert two["layout"]["devices"] == 32
+    W = two["layout"]["per_layer_bytes"]
+    # 61 layers over 32 ranks: at most 2 owned + 1 ring slot (dp 1: 4 + 1)
+    assert two["memory"]["ours_bytes"] == 3 * W < one["memory"]["ours_bytes"] == 5 * W
+    assert two["memory"]["floor_bytes"] == 61 * W / 32
+    assert two["memory"]["upstream_bytes"] == (2 + 1 + 1) * W
+    assert two["memory"]["replicated_bytes"] == one["memory"]["replicated_bytes"]
+    # FlashComm2's collectives stay inside one replica's ODP group of P/k ranks
+    assert two["comm"] == one["comm"]
+    assert two["fc2_to_fc1_ratio"] == one["fc2_to_fc1_ratio"]
+    assert two["fc2_saved_bytes_per_token"] == one["fc2_saved_bytes_per_token"]
+    assert two["break_even_tokens"] == one["break_even_tokens"]
+
+
+def test_moe_odp_group_stays_p_over_k_with_otp():
+    # k = 2 at TP16 x DP4: ODP groups of 8, o_shared groups of 4 * 8 = 32
+    one = plan(QWEN235, PlanInputs(tp=16, dp=1, otp_size=2))
+    four = plan(QWEN235, PlanInputs(tp=16, dp=4, otp_size=2))
+    assert (four["layout"]["odp_group_size"], four["layout"]["oshared_group_size"]) == (8, 32)
+    assert four["comm"] == one["comm"]
+    assert four["fc2_to_fc1_ratio"] == pytest.approx(
+        (7 / 8 * 8192 / 16 + 1 / 16 * 4096) / (15 / 16 * 4096))
+
+
+def test_dense_oshared_group_stays_in_one_replica():
+    q32 = PRESETS["qwen3-32b"]
+    one = plan(q32, PlanInputs(tp=16, dp=1))
+    two = plan(q32, PlanInputs(tp=16, dp=2))
+    assert two["layout"]["oshared_group_size"] == two["layout"]["odp_group_size"] == 16
+    assert not two["layout"]["oshared_spans_dp"]
+    assert two["layout"]["devices"] == 2 * one["layout"]["devices"]
+    assert two["memory"] == one["memory"]
+    assert two["comm"] == one["comm"]
+
+
+@pytest.mark.parametrize("shape,dp,otp", [
+    (DSV3, 2, 1), (DSV3, 4, 2), (QWEN235, 2, 4), (PRESETS["qwen3-32b"], 2, 1),
+    (PRESETS["qwen3-32b"], 4, 2), (DSV3, 1, 1),
+])
+def test_group_sizes_match_the_real_group_layout(shape, dp, otp):
+    from vllm_ascend_ext.distributed.parallel_state import flashcomm2_group_ranks
+
+    tp, pp = 16, 2
+    lay = plan(shape, PlanInputs(tp=tp, dp=dp, pp=pp, otp_size=otp))["layout"]
+    groups = flashcomm2_group_ranks(tp * dp * pp, tp, dp, pp, otp,
+                                    oshared_spans_dp=shape.is_moe)
+    assert {len(g) for g in groups.oshared} == {lay["oshared_group_size"]}
+    assert {len(g) for g in groups.odp} == {lay["odp_group_size"]}
+    assert lay["devices"] == tp * dp * pp
+
+
+@pytest.mark.parametrize("key", ["n_routed_experts", "num_experts", "num_local_experts"])
+def test_shape_from_config_detects_moe(key):
+    base = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 8}
+    assert pl.shape_from_config({**base, key: 8}).is_moe
+    # multimodal wrappers keep the text model's keys under text_config
+    assert pl.shape_from_config({"text_config": {**base, key: 8}}).is_moe
+    # a zero or absent expert count is a dense model
+    assert not pl.shape_from_config({**base, key: 0}).is_moe
+    assert not pl.shape_from_config({**base, key: None}).is_moe
+
+
+def test_shape_from_config_dense_without_expert_keys():
+    base = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 8,
+            "intermediate_size": 1024, "architectures": ["Qwen3ForCausalLM"]}
+    assert not pl.shape_from_config(base).is_moe
+
+
+def test_cli_text_says_whether_the_group_spans_dp(capsys):
+    from vllm_ascend_ext.cli import main
+
+    assert main(["plan", "--model", "deepseek-v3", "--tp", "16", "--dp", "2"]) == 0
+    text = capsys.readouterr().out
+    assert ("o_shared group n=32 (spans the 2 DP replicas of a PP stage: MoE replicas "
+            "step in lockstep)") in text
+    assert "per DP replica" not in text
+    for argv in (["--model", "deepseek-v3", "--dp", "1"], ["--model", "qwen3-32b", "--dp", "2"]):
+        assert main(["plan", "--tp", "16", *argv]) == 0
+        text = capsys.readouterr().out
+        assert "o_shared group n=16 (per DP replica and PP stage)" in text
+        assert "lockstep" not in text
+
+
 # ------------------------------------------------------------------- timing
 
 

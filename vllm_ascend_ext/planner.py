@@ -17,19 +17,25 @@ imports vLLM or torch.  Symbols (as in docs/user_guide.md):
 
 ``L``  hidden layers of one PP stage      ``h``  hidden size
 ``a``  heads x v_head_dim (o_proj input)  ``P``  TP size
-``k``  o_proj TP size (``--otp-size``)    ``n = P / k``  o_shared group size
-``s``  prefetch step                      ``W``  bytes of one o_proj shard
-                                                 ``(a/k) x h x weight bytes``
+``k``  o_proj TP size (``--otp-size``)    ``m = P / k``  ODP group size
+``s``  prefetch step                      ``n``  o_shared group size (see below)
+``W``  bytes of one o_proj shard: ``(a/k) x h x weight bytes``
 
 Conventions:
 
 * int8 (W8A8) weights count 1 byte per element.  Per-output-channel scales
   and offsets (``h`` values per layer, about 0.1 % of the layer) are NOT
   counted, so figures match the published ones that ignore them too.
-* The o_shared group holds the ranks that need the same shard: the ``n``
-  ranks of one ODP group, inside one DP replica and one PP stage (dense DP
-  replicas in vLLM 0.32 are independent engines, so a group may not span
-  them).  ``--dp`` changes the device count, not any per-rank figure.
+* The o_shared group holds ranks that need the same shard and run the same
+  layers at the same time, inside one PP stage.  For a dense model that is
+  one ODP group of one DP replica (``n = P / k``): vLLM 0.32 runs dense DP
+  replicas as independent engines, so a group may not span them and
+  ``--dp`` changes only the device count.  For a MoE model with ``--dp > 1``
+  vLLM steps the replicas in lockstep (the expert layers communicate across
+  replicas every step), so the group joins the matching ODP group of every
+  replica: ``n = dp * P / k``, which divides each rank's o_proj memory
+  further.  FlashComm2's own collectives stay inside one replica's ODP
+  group of ``m = P / k`` ranks, so the traffic figures do not change.
 * Layer ownership and ring slots follow ``vllm_ascend_ext.ops.shared_weight``:
   layer ``i`` (global index) is owned by group rank ``i % n``; position
   ``p`` uses slot ``p % s``; a rank allocates only the slots some non-owned
@@ -79,6 +85,7 @@ class ModelShape:
     hidden_size: int  # h: o_proj output
     num_heads: int
     o_head_dim: int  # v_head_dim (MLA) or head_dim
+    is_moe: bool = False  # MoE: vLLM steps DP replicas in lockstep
 
     @property
     def o_proj_in(self) -> int:
@@ -86,15 +93,21 @@ class ModelShape:
         return self.num_heads * self.o_head_dim
 
 
+#: Keys under which Hugging Face configs give the number of (routed) experts.
+MOE_EXPERT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
+
 #: Real config numbers of the published checkpoints.
 PRESETS: dict[str, ModelShape] = {
     # config.json: num_hidden_layers 61, hidden_size 7168, num_attention_heads
     # 128, v_head_dim 128 -> o_proj 16384 x 7168.
-    "deepseek-v3": ModelShape("DeepSeek-V3", "DeepseekV3ForCausalLM", 61, 7168, 128, 128),
+    "deepseek-v3": ModelShape(
+        "DeepSeek-V3", "DeepseekV3ForCausalLM", 61, 7168, 128, 128, is_moe=True),
     # 94 layers, hidden 4096, 64 heads x head_dim 128 -> o_proj 8192 x 4096.
-    "qwen3-235b-a22b": ModelShape("Qwen3-235B-A22B", "Qwen3MoeForCausalLM", 94, 4096, 64, 128),
+    "qwen3-235b-a22b": ModelShape(
+        "Qwen3-235B-A22B", "Qwen3MoeForCausalLM", 94, 4096, 64, 128, is_moe=True),
     # 64 layers, hidden 5120, 64 heads x head_dim 128 -> o_proj 8192 x 5120.
-    "qwen3-32b": ModelShape("Qwen3-32B", "Qwen3ForCausalLM", 64, 5120, 64, 128),
+    "qwen3-32b": ModelShape(
+        "Qwen3-32B", "Qwen3ForCausalLM", 64, 5120, 64, 128, is_moe=False),
 }
 
 
@@ -117,7 +130,11 @@ def shape_from_config(cfg: dict[str, Any], name: str = "config.json") -> ModelSh
             raise PlanError(f"{name}: hidden_size {hidden} is not a multiple of {heads} heads")
         head_dim = hidden // heads
     arch = (cfg.get("architectures") or ["unknown"])[0]
-    return ModelShape(name, arch, layers, hidden, heads, head_dim)
+    is_moe = any(
+        isinstance(cfg.get(key), int) and not isinstance(cfg.get(key), bool) and cfg[key] > 0
+        for key in MOE_EXPERT_KEYS
+    )
+    return ModelShape(name, arch, layers, hidden, heads, head_dim, is_moe=is_moe)
 
 
 def load_model_shape(model: str) -> ModelShape:
@@ -281,7 +298,9 @@ def plan(shape: ModelShape, x: PlanInputs) -> dict[str, Any]:
     """The whole plan as a JSON-ready dict."""
     validate(shape, x)
     P, k, s = x.tp, x.otp_size, x.prefetch_step
-    n = P // k
+    m = P // k  # ODP group size: FlashComm2's all-to-all
+    spans_dp = shape.is_moe and x.dp > 1  # MoE DP replicas step in lockstep
+    n = m * (x.dp if spans_dp else 1)  # o_shared group size
     wb, ab = DTYPE_BYTES[x.weight_dtype], DTYPE_BYTES[x.act_dtype]
     a, h = shape.o_proj_in, shape.hidden_size
     W = (a // k) * h * wb
@@ -336,7 +355,6 @@ def plan(shape: ModelShape, x: PlanInputs) -> dict[str, Any]:
         c["net_saved_with_oshared"] = c["fc2_saved_vs_tp"] - W
     per_token = saved_bytes_per_token(shape, P, k, ab)
     # per-token, unpadded: (all-to-all + OTP reduce-scatter) / FC1 reduce-scatter
-    m = n
     fc2_to_fc1 = ((m - 1) / m * (a / P) + (k - 1) / P * h) / ((P - 1) / P * h)
     break_even = W / per_token if per_token > 0 else None
 
@@ -346,7 +364,8 @@ def plan(shape: ModelShape, x: PlanInputs) -> dict[str, Any]:
         "layout": {
             "devices": P * x.dp * x.pp,
             "oshared_group_size": n,
-            "odp_group_size": n,
+            "oshared_spans_dp": spans_dp,
+            "odp_group_size": m,
             "otp_group_size": k,
             "per_layer_bytes": W,
             "plain_tp_per_layer_bytes": plain_layer,
@@ -453,7 +472,9 @@ def format_text(p: dict[str, Any]) -> str:
         f"hidden {m['hidden_size']}, o_proj {m['o_proj_in']} x {m['hidden_size']}",
         f"layout     TP {x['tp']} x DP {x['dp']} x PP {x['pp']} = {lay['devices']} devices; "
         f"o_proj TP size k={x['otp_size']}, o_shared group n={lay['oshared_group_size']} "
-        f"(per DP replica and PP stage), prefetch step {x['prefetch_step']}",
+        + (f"(spans the {x['dp']} DP replicas of a PP stage: MoE replicas step in lockstep)"
+           if lay["oshared_spans_dp"] else "(per DP replica and PP stage)")
+        + f", prefetch step {x['prefetch_step']}",
         f"weights    {x['weight_dtype']}: one o_proj shard W = {_mib(lay['per_layer_bytes'])}"
         + (" (int8 scales not counted)" if x["weight_dtype"] == "int8" else ""),
         "",

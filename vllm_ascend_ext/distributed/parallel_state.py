@@ -14,11 +14,16 @@ ranks.  FlashComm2 splits each TP group (``P`` ranks ``t[0..P-1]``) with
 * ODP group ``j`` (``j < k``): ``[t[j*D + i] for i < D]`` -- the ranks that
   hold the *same* o_proj shard and exchange activations in the all-to-all;
   TP rank ``r = j*D + i`` is OTP rank ``j`` and ODP rank ``i``.
-* o_shared group: the ranks that need the same o_proj shard inside one TP
-  group, i.e. the ODP group (``k = 1``: the whole TP group).  It never spans
-  DP replicas or PP stages: vLLM 0.32 runs dense-model DP replicas as
-  independent engines (see ``vllm/v1/engine/core.py``), so a group across
-  replicas would deadlock, and different PP stages run different layers.
+* o_shared group: the ranks that need the same o_proj shard and step
+  through the layers together.  Inside one replica that is the ODP group
+  (``k = 1``: the whole TP group).  It never spans PP stages (they run
+  different layers).  It spans DP replicas only when vLLM runs them in
+  lockstep, which vLLM 0.32 does for MoE models alone: ``DPEngineCoreProc``
+  keeps every MoE replica stepping, with dummy batches on idle ones, because
+  the experts' all-gather spans DP.  Dense replicas are independent engines
+  (``vllm/v1/engine/core.py`` resets their DP size to 1), so a group across
+  them would deadlock the first time one replica idles.  A lockstep group
+  is ODP group ``j`` of every replica of the same PP stage, replica-major.
   It is a separate communicator from ODP so that o_shared's asynchronous
   weight broadcasts never queue behind (or ahead of) the all-to-all.
 
@@ -51,6 +56,7 @@ __all__ = [
     "get_flashcomm2_odp_group",
     "get_flashcomm2_oshared_group",
     "get_flashcomm2_otp_group",
+    "dp_replicas_in_lockstep",
     "init_flashcomm2_groups",
     "split_tp_group",
     "vllm_tp_group_ranks",
@@ -108,23 +114,51 @@ def split_tp_group(tp_ranks: list[int], otp_size: int) -> tuple[list[list[int]],
     return otp, odp
 
 
-def _layout_from_tp_groups(tp_groups: list[list[int]], otp_size: int) -> FlashComm2GroupRanks:
+def flashcomm2_group_ranks(
+    world_size: int,
+    tp: int,
+    dp: int,
+    pp: int,
+    otp_size: int,
+    *,
+    pcp: int = 1,
+    oshared_spans_dp: bool = False,
+) -> FlashComm2GroupRanks:
+    """All TP / OTP / ODP / o_shared groups of a world in vLLM's rank order.
+
+    ``oshared_spans_dp``: the DP replicas step in lockstep (vLLM 0.32: MoE
+    models only), so an o_shared group may join the replicas' ODP groups.
+    """
+    tp_groups = vllm_tp_group_ranks(world_size, tp, dp, pp, pcp)
     out = FlashComm2GroupRanks(tp=[list(g) for g in tp_groups])
     for g in tp_groups:
         otp, odp = split_tp_group(list(g), otp_size)
         out.otp += otp
         out.odp += odp
-    # The ranks needing the same o_proj shard within one TP group (= one DP
-    # replica, one PP stage) are exactly an ODP group.
-    out.oshared = [list(g) for g in out.odp]
+    if not oshared_spans_dp or dp == 1:
+        out.oshared = [list(g) for g in out.odp]
+        return out
+    # TP groups come in vLLM's (external_dp, dp, pp, pcp) order; regroup the
+    # ODP groups so that one o_shared group holds ODP group j of every DP
+    # replica of one (external_dp, pp, pcp) cell.
+    k = otp_size
+    cells = _nest(out.odp, (world_size // (dp * pp * pcp * tp), dp, pp * pcp, k))
+    for e in range(len(cells)):
+        for s in range(pp * pcp):
+            for j in range(k):
+                out.oshared.append([r for d in range(dp) for r in cells[e][d][s][j]])
     return out
 
 
-def flashcomm2_group_ranks(
-    world_size: int, tp: int, dp: int, pp: int, otp_size: int, *, pcp: int = 1
-) -> FlashComm2GroupRanks:
-    """All TP / OTP / ODP / o_shared groups of a world in vLLM's rank order."""
-    return _layout_from_tp_groups(vllm_tp_group_ranks(world_size, tp, dp, pp, pcp), otp_size)
+def _nest(items: list, shape: tuple[int, ...]) -> list:
+    """``items`` (a flat list) as nested lists of ``shape`` (row-major)."""
+    if len(shape) == 1:
+        if len(items) != shape[0]:
+            raise FlashComm2GroupError(f"cannot lay {len(items)} groups out as {shape}")
+        return list(items)
+    step = len(items) // shape[0]
+    return [_nest(items[i * step:(i + 1) * step], shape[1:])
+            for i in range(shape[0])]
 
 
 # --------------------------------------------------------------------------
@@ -165,12 +199,30 @@ def get_flashcomm2_oshared_group() -> Any:
     return _require(_OSHARED, "o_shared")
 
 
-def init_flashcomm2_groups(cfg: Any, backend: str | None = None) -> None:
+def dp_replicas_in_lockstep(vllm_config: Any = None) -> bool:
+    """Whether vLLM steps this world's DP replicas together (see module doc).
+
+    vLLM 0.32 keeps a DP group of more than one rank only for MoE models
+    (dense replicas get DP size 1); both conditions are checked so that a
+    dense model can never end up with a group across replicas.
+    """
+    from vllm.config import get_current_vllm_config
+    from vllm.distributed import parallel_state as ps
+
+    model_config = (vllm_config or get_current_vllm_config()).model_config
+    is_moe = bool(getattr(model_config, "is_moe", False)) if model_config else False
+    return is_moe and ps.get_dp_group().world_size > 1
+
+
+def init_flashcomm2_groups(
+    cfg: Any, backend: str | None = None, *, dp_lockstep: bool | None = None
+) -> None:
     """Create the FlashComm2 groups for ``cfg`` (a ``FlashComm2Config``).
 
     Collective over the whole world.  A no-op when FlashComm2 is off or the
     same groups already exist; an error if vLLM's model parallel state is
-    missing or groups of another shape exist.
+    missing or groups of another shape exist.  ``dp_lockstep`` (default:
+    :func:`dp_replicas_in_lockstep`) lets the o_shared group span DP.
     """
     global _OTP, _ODP, _OSHARED
     if not cfg.enabled:
@@ -199,7 +251,20 @@ def init_flashcomm2_groups(cfg: Any, backend: str | None = None) -> None:
         raise FlashComm2GroupError(
             f"o_proj TP size {k} must be smaller than and divide the TP size {P}"
         )
-    layout = _layout_from_tp_groups(tp_group.group_ranks, k)
+    if dp_lockstep is None:
+        dp_lockstep = dp_replicas_in_lockstep()
+    dp = ps.get_dp_group().world_size
+    layout = flashcomm2_group_ranks(
+        ps.get_world_group().world_size, P, dp, ps.get_pp_group().world_size, k,
+        pcp=ps.get_pcp_group().world_size, oshared_spans_dp=dp_lockstep,
+    )
+    if layout.tp != [list(g) for g in tp_group.group_ranks]:
+        # Our layout mirrors initialize_model_parallel; refuse to guess if a
+        # vLLM change breaks that.
+        raise FlashComm2GroupError(
+            f"vLLM's TP groups {tp_group.group_ranks} differ from the layout "
+            f"FlashComm2 derives for DP {dp} x PP x TP {P}: {layout.tp}"
+        )
     backend = backend or str(tp_group.torch_distributed_backend)
     local_rank = ps.get_world_group().local_rank
 
@@ -218,7 +283,9 @@ def init_flashcomm2_groups(cfg: Any, backend: str | None = None) -> None:
     logger.info(
         "FlashComm2 groups on rank %d: TP %s -> OTP %s, ODP %s%s",
         tp_group.rank, tp_group.ranks, otp.ranks, odp.ranks,
-        f", o_shared {oshared.ranks}" if oshared is not None else "",
+        (f", o_shared {oshared.ranks}"
+         + (f" (spans {dp} DP replicas in lockstep)" if dp_lockstep and dp > 1 else ""))
+        if oshared is not None else "",
     )
 
 

@@ -100,12 +100,13 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
     from vllm.distributed import get_pp_group
 
     from vllm_ascend_ext.distributed.parallel_state import (
+        dp_replicas_in_lockstep,
         get_flashcomm2_oshared_group,
         init_flashcomm2_groups,
     )
     from vllm_ascend_ext.ops.flashcomm2_oproj import FlashComm2RowParallelLinear
 
-    init_flashcomm2_groups(cfg)
+    init_flashcomm2_groups(cfg, dp_lockstep=dp_replicas_in_lockstep(vllm_config))
     hf_config = vllm_config.model_config.hf_text_config
     state = FlashComm2ModelState(config=cfg)
     if cfg.oshared:

@@ -1,0 +1,150 @@
+"""`vllm serve --data-parallel-size 2 --tensor-parallel-size 2` with o_shared,
+under uneven load.
+
+vLLM 0.32 runs DP replicas in two ways, and o_shared follows it:
+
+* MoE (DeepSeek-V3 here): the replicas step in lockstep, an idle replica
+  running 1-token dummy batches, because the experts' all-gather spans DP.
+  The o_shared group spans both replicas (4 ranks), so a request served by
+  one replica only completes if the idle one keeps broadcasting its share of
+  the o_proj weights: an answer is the proof that the lockstep holds.
+  Needs patch 0003 (CPU ``all_gatherv``); flags off, the same layout must give
+  DP=1's outputs.
+* Dense (Qwen3): each replica is an independent engine, and the o_shared group
+  stays inside it. Every request pinned to one replica leaves the other with
+  no steps at all, which would hang a group spanning them.
+
+Requests are pinned with vLLM's ``X-data-parallel-rank`` header: first every
+prompt to replica 0 (replica 1 idle), then to replica 1, then a concurrent
+burst to replica 0. Each answer is compared with the offline plain-TP2 engine
+(DP=1) on the same checkpoint, with the accuracy criteria of the other e2e
+tests (prompt logprobs within 2e-3 nats, greedy tokens by vLLM's rule).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from dataclasses import dataclass
+
+import pytest
+
+from tests.e2e.harness import (
+    assert_greedy_close,
+    assert_prompt_logprobs_close,
+    flashcomm2_flags,
+    make_prompts,
+)
+from vllm_ascend_ext.local_server import VllmServer, process_group_alive
+
+MOE_ARCH = "DeepseekV3ForCausalLM"
+DENSE_ARCH = "Qwen3ForCausalLM"
+OSHARED = flashcomm2_flags(1, oshared=True)
+REQUEST_TIMEOUT = 240  # s; a hung lockstep fails the test instead of stalling CI
+BURST = 8
+
+
+@dataclass
+class DPServeRun:
+    by_replica: dict[int, list[dict]]  # replica -> outputs in the harness layout
+    burst: list[dict]
+    log: str
+
+
+def _as_engine_output(prompt_ids: list[int], choice) -> dict:
+    """An OpenAI completion choice in the layout run_vllm/hf_reference use."""
+    d = choice.model_dump()
+    prompt_lps = [None] + [{tok: e["logprob"] for tok, e in entry.items()}
+                           for entry in d["prompt_logprobs"][1:]]
+    lp = d["logprobs"]
+    return {
+        "prompt_token_ids": list(prompt_ids),
+        "prompt_logprobs": prompt_lps,
+        "token_ids": [int(t.removeprefix("token_id:")) for t in lp["tokens"]],
+        "logprobs": [{t.removeprefix("token_id:"): v for t, v in top.items()}
+                     for top in lp["top_logprobs"]],
+    }
+
+
+def _complete(server: VllmServer, ids: list[int], replica: int) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused",
+                           timeout=REQUEST_TIMEOUT, max_retries=0)
+    r = client.completions.create(
+        model=server.model, prompt=ids, max_tokens=8, temperature=0, logprobs=5,
+        extra_body={"prompt_logprobs": 1, "return_tokens_as_token_ids": True},
+        extra_headers={"X-data-parallel-rank": str(replica)},
+    )
+    assert len(r.choices[0].logprobs.tokens) == 8
+    return _as_engine_output(ids, r.choices[0])
+
+
+def _serve_uneven(model: str, env: dict) -> DPServeRun:
+    prompts = make_prompts(model)
+    server = VllmServer(model=model, tp=2, dp=2, env=env)
+    with server:
+        by_replica = {rep: [_complete(server, ids, rep) for ids in prompts] for rep in (0, 1)}
+        with cf.ThreadPoolExecutor(max_workers=BURST) as pool:
+            burst = list(pool.map(lambda i: _complete(server, prompts[i % len(prompts)], 0),
+                                  range(BURST)))
+        log = server.log_text()
+    assert not process_group_alive(server.pgid), "vllm serve left processes behind"
+    return DPServeRun(by_replica, burst, log)
+
+
+@pytest.fixture(scope="module")
+def dp_runs(tiny_model):
+    cache: dict = {}
+
+    def get(arch: str, env: dict) -> DPServeRun:
+        key = (arch, tuple(sorted(env.items())))
+        if key not in cache:
+            cache[key] = _serve_uneven(str(tiny_model(arch)), env)
+        return cache[key]
+
+    return get
+
+
+def _check_against(ref: list[dict], run: DPServeRun, label: str) -> float:
+    worst = 0.0
+    for rep, outs in run.by_replica.items():
+        name = f"{label} replica {rep}"
+        worst = max(worst, assert_prompt_logprobs_close(ref, outs, names=("reference", name)))
+        assert_greedy_close(ref, outs, names=("reference", name))
+    n = len(ref)
+    assert_greedy_close([ref[i % n] for i in range(BURST)], run.burst,
+                        names=("reference", f"{label} burst"))
+    return worst
+
+
+def test_moe_dp2_flags_off_matches_dp1(engines, dp_runs):
+    """Patch 0003: MoE at DP=2 serves at all, and gives DP=1's outputs."""
+    ref = engines.run(MOE_ARCH, tp=2).outputs
+    worst = _check_against(ref, dp_runs(MOE_ARCH, {}), "DP2xTP2 flags off")
+    print(f"\n{MOE_ARCH} DP2xTP2 vs DP1 TP2: max prompt-logprob gap {worst:.2e}")
+
+
+def test_moe_dp2_oshared_spans_replicas_and_matches_flags_off(engines, dp_runs):
+    run = dp_runs(MOE_ARCH, OSHARED)
+    # One o_shared group of 4 ranks across both replicas, reported by each rank.
+    assert run.log.count("o_shared [0, 1, 2, 3] (spans 2 DP replicas in lockstep)") == 4
+    assert "layers (0..4) over 4 ranks" in run.log
+    off = dp_runs(MOE_ARCH, {})
+    worst = 0.0
+    for rep in (0, 1):
+        worst = max(worst, assert_prompt_logprobs_close(
+            off.by_replica[rep], run.by_replica[rep], names=("flags off", "o_shared")))
+        assert_greedy_close(off.by_replica[rep], run.by_replica[rep],
+                            names=("flags off", "o_shared"))
+    _check_against(engines.run(MOE_ARCH, tp=2).outputs, run, "DP2xTP2 o_shared")
+    print(f"\n{MOE_ARCH} DP2xTP2 o_shared vs flags off: max prompt-logprob gap {worst:.2e}")
+
+
+def test_dense_dp2_oshared_stays_in_replica_without_hang(engines, dp_runs):
+    run = dp_runs(DENSE_ARCH, OSHARED)
+    # Each replica is its own 2-rank world with its own o_shared group.
+    assert "spans 2 DP replicas" not in run.log
+    assert run.log.count("o_shared [0, 1]") == 4
+    assert "layers (0..4) over 2 ranks" in run.log
+    worst = _check_against(engines.run(DENSE_ARCH, tp=2).outputs, run, "DP2xTP2 o_shared")
+    print(f"\n{DENSE_ARCH} DP2xTP2 o_shared vs DP1 TP2: max prompt-logprob gap {worst:.2e}")
