@@ -24,6 +24,7 @@ tests (prompt logprobs within 2e-3 nats, greedy tokens by vLLM's rule).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -128,7 +129,11 @@ def test_moe_dp2_oshared_spans_replicas_and_matches_flags_off(engines, dp_runs):
     run = dp_runs(MOE_ARCH, OSHARED)
     # One o_shared group of 4 ranks across both replicas, reported by each rank.
     assert run.log.count("o_shared [0, 1, 2, 3] (spans 2 DP replicas in lockstep)") == 4
-    assert "layers (0..4) over 4 ranks" in run.log
+    # Memory: 5 hidden layers over 4 ranks -> rank 0 owns 2 (layers 0 and 4),
+    # the others 1; each receives into one ring slot. Replicated would be 5.
+    held = sorted((int(o), int(r)) for o, r in re.findall(
+        r"layers \(0\.\.4\) over 4 ranks.*?\((\d+) owned \+ (\d+) slots\)", run.log))
+    assert held == [(1, 1), (1, 1), (1, 1), (2, 1)], held
     off = dp_runs(MOE_ARCH, {})
     worst = 0.0
     for rep in (0, 1):
@@ -145,6 +150,8 @@ def test_dense_dp2_oshared_stays_in_replica_without_hang(engines, dp_runs):
     # Each replica is its own 2-rank world with its own o_shared group.
     assert "spans 2 DP replicas" not in run.log
     assert run.log.count("o_shared [0, 1]") == 4
-    assert "layers (0..4) over 2 ranks" in run.log
+    held = sorted((int(o), int(r)) for o, r in re.findall(
+        r"layers \(0\.\.4\) over 2 ranks.*?\((\d+) owned \+ (\d+) slots\)", run.log))
+    assert held == [(2, 1), (2, 1), (3, 1), (3, 1)], held  # two replicas x two ranks
     worst = _check_against(engines.run(DENSE_ARCH, tp=2).outputs, run, "DP2xTP2 o_shared")
     print(f"\n{DENSE_ARCH} DP2xTP2 o_shared vs DP1 TP2: max prompt-logprob gap {worst:.2e}")
