@@ -220,3 +220,36 @@ class EngineCache:
             self._runs[key] = run_vllm(model, make_prompts(model), tp=tp, pp=pp, env=env,
                                        enforce_eager=eager, collective_rpc=[MEMORY_RPC])
         return self._runs[key]
+
+
+# --- served completions -------------------------------------------------------
+
+
+def served_completion(server, ids: list[int], *, replica: int | None = None,
+                      max_tokens: int = 8, num_logprobs: int = 5, timeout: float = 240) -> dict:
+    """One temperature-0 completion of token ids from a running ``VllmServer``,
+    in ``run_vllm``'s output layout (prompt logprobs, greedy ids, top-k), so a
+    served answer is compared with the same criteria as an offline engine.
+    ``replica`` pins the request to one DP replica (vLLM's
+    ``X-data-parallel-rank`` header).  ``timeout`` bounds a hung server."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused",
+                           timeout=timeout, max_retries=0)
+    headers = {} if replica is None else {"X-data-parallel-rank": str(replica)}
+    r = client.completions.create(
+        model=server.model, prompt=ids, max_tokens=max_tokens, temperature=0,
+        logprobs=num_logprobs, extra_headers=headers,
+        extra_body={"prompt_logprobs": 1, "return_tokens_as_token_ids": True},
+    )
+    d = r.choices[0].model_dump()
+    lp = d["logprobs"]
+    assert len(lp["tokens"]) == max_tokens, d
+    return {
+        "prompt_token_ids": list(ids),
+        "prompt_logprobs": [None] + [{tok: e["logprob"] for tok, e in entry.items()}
+                                     for entry in d["prompt_logprobs"][1:]],
+        "token_ids": [int(t.removeprefix("token_id:")) for t in lp["tokens"]],
+        "logprobs": [{t.removeprefix("token_id:"): v for t, v in top.items()}
+                     for top in lp["top_logprobs"]],
+    }

@@ -65,11 +65,14 @@ def test_tp4_otp2_matches_plain_tp(arch, oshared, engines):
 @pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "Qwen3ForCausalLM"])
 def test_pp2_oshared_matches_plain_tp(arch, engines):
     """PP=2 x TP=2: the second stage's series starts at layer 3 of 5, where
-    upstream's prefetch index was wrong.  Pipeline parallelism changes no
-    arithmetic, so the reference is the plain TP=2 run (needs patch 0002)."""
-    ref = engines.run(arch, tp=2)
+    upstream's prefetch index was wrong.  Compared with the same layout with
+    the flags off, and, since pipeline parallelism changes no arithmetic, with
+    plain TP=2 without PP (both need patch 0002)."""
+    same_layout = engines.run(arch, tp=2, pp=2)
+    assert _o_proj_classes(same_layout) == {"RowParallelLinear"}
     got = engines.run(arch, tp=2, pp=2, env=flags(1, True, 1))
-    _check(ref, got, f"{arch} PP2 x TP2 FC2 k=1 o_shared")
+    _check(same_layout, got, f"{arch} PP2 x TP2 FC2 k=1 o_shared (vs PP2 x TP2 flags off)")
+    _check(engines.run(arch, tp=2), got, f"{arch} PP2 x TP2 FC2 k=1 o_shared (vs TP2)")
     reports = [w["series_report"] for w in got.rpc[MEMORY_RPC]]
     # Two stages of two ranks; stage sizes follow vLLM's split of 5 layers.
     assert sorted(r["num_layers"] for r in reports) == [2, 2, 3, 3]

@@ -7,6 +7,12 @@ import concurrent.futures as cf
 
 import pytest
 
+from tests.e2e.harness import (
+    assert_greedy_close,
+    assert_prompt_logprobs_close,
+    make_prompts,
+    served_completion,
+)
 from vllm_ascend_ext.local_server import VllmServer, process_group_alive
 
 OSHARED_FLAGS = {
@@ -22,8 +28,8 @@ PROMPTS = [
 
 
 def _exercise(server: VllmServer) -> dict:
-    """Completions, chat, streaming and 32 concurrent requests; returns the
-    temperature-0 texts for comparison between servers."""
+    """Completions, chat, streaming and 32 concurrent requests: every kind of
+    request answers, and they agree with each other."""
     import openai
 
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
@@ -61,20 +67,22 @@ def _exercise(server: VllmServer) -> dict:
     return texts
 
 
-def _serve(model: str, env: dict) -> tuple[dict, str, int]:
-    server = VllmServer(model=model, tp=2, env=env)
+def test_serve_with_oshared_flags_matches_plain_tp(tiny_model, engines):
+    """The o_shared server's answers are plain TP's: prompt logprobs and greedy
+    tokens of served token-id prompts against the offline plain TP=2 engine on
+    the same checkpoint, with the harness's criteria."""
+    arch = "DeepseekV3ForCausalLM"
+    model = str(tiny_model(arch))
+    server = VllmServer(model=model, tp=2, env=OSHARED_FLAGS)
     with server:
-        texts = _exercise(server)
+        _exercise(server)
+        served = [served_completion(server, ids) for ids in make_prompts(model)]
         log = server.log_text()
     assert not process_group_alive(server.pgid), "vllm serve left processes behind"
-    return texts, log, server.pgid
-
-
-def test_serve_with_oshared_flags_matches_plain_tp(tiny_model):
-    model = str(tiny_model("DeepseekV3ForCausalLM"))
-    plain, _, _ = _serve(model, {})
-    shared, log, _ = _serve(model, OSHARED_FLAGS)
-    assert shared == plain
+    ref = engines.run(arch, tp=2).outputs
+    worst = assert_prompt_logprobs_close(ref, served, names=("offline plain TP2", "served"))
+    assert_greedy_close(ref, served, names=("offline plain TP2", "served"))
+    print(f"\nserved o_shared vs offline plain TP2: max prompt-logprob gap {worst:.2e}")
     # The server really ran the feature and said so at start-up.
     assert "FlashComm2 o_proj installed on 5 layers" in log
     assert "o_shared" in log and "replicated" in log and "floor" in log

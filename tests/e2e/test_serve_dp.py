@@ -34,13 +34,13 @@ from tests.e2e.harness import (
     assert_prompt_logprobs_close,
     flashcomm2_flags,
     make_prompts,
+    served_completion,
 )
 from vllm_ascend_ext.local_server import VllmServer, process_group_alive
 
 MOE_ARCH = "DeepseekV3ForCausalLM"
 DENSE_ARCH = "Qwen3ForCausalLM"
 OSHARED = flashcomm2_flags(1, oshared=True)
-REQUEST_TIMEOUT = 240  # s; a hung lockstep fails the test instead of stalling CI
 BURST = 8
 
 
@@ -51,43 +51,16 @@ class DPServeRun:
     log: str
 
 
-def _as_engine_output(prompt_ids: list[int], choice) -> dict:
-    """An OpenAI completion choice in the layout run_vllm/hf_reference use."""
-    d = choice.model_dump()
-    prompt_lps = [None] + [{tok: e["logprob"] for tok, e in entry.items()}
-                           for entry in d["prompt_logprobs"][1:]]
-    lp = d["logprobs"]
-    return {
-        "prompt_token_ids": list(prompt_ids),
-        "prompt_logprobs": prompt_lps,
-        "token_ids": [int(t.removeprefix("token_id:")) for t in lp["tokens"]],
-        "logprobs": [{t.removeprefix("token_id:"): v for t, v in top.items()}
-                     for top in lp["top_logprobs"]],
-    }
-
-
-def _complete(server: VllmServer, ids: list[int], replica: int) -> dict:
-    import openai
-
-    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused",
-                           timeout=REQUEST_TIMEOUT, max_retries=0)
-    r = client.completions.create(
-        model=server.model, prompt=ids, max_tokens=8, temperature=0, logprobs=5,
-        extra_body={"prompt_logprobs": 1, "return_tokens_as_token_ids": True},
-        extra_headers={"X-data-parallel-rank": str(replica)},
-    )
-    assert len(r.choices[0].logprobs.tokens) == 8
-    return _as_engine_output(ids, r.choices[0])
-
-
 def _serve_uneven(model: str, env: dict) -> DPServeRun:
     prompts = make_prompts(model)
     server = VllmServer(model=model, tp=2, dp=2, env=env)
     with server:
-        by_replica = {rep: [_complete(server, ids, rep) for ids in prompts] for rep in (0, 1)}
+        by_replica = {rep: [served_completion(server, ids, replica=rep) for ids in prompts]
+                      for rep in (0, 1)}
         with cf.ThreadPoolExecutor(max_workers=BURST) as pool:
-            burst = list(pool.map(lambda i: _complete(server, prompts[i % len(prompts)], 0),
-                                  range(BURST)))
+            burst = list(pool.map(
+                lambda i: served_completion(server, prompts[i % len(prompts)], replica=0),
+                range(BURST)))
         log = server.log_text()
     assert not process_group_alive(server.pgid), "vllm serve left processes behind"
     return DPServeRun(by_replica, burst, log)
