@@ -79,6 +79,12 @@ def dp_runs(tiny_model):
     return get
 
 
+def _layers_held(log: str, ranks: int) -> list[tuple[int, int]]:
+    """(owned layers, ring slots) of every worker's o_shared series report."""
+    return sorted((int(o), int(r)) for o, r in re.findall(
+        rf"layers \(0\.\.4\) over {ranks} ranks.*?\((\d+) owned \+ (\d+) slots\)", log))
+
+
 def _check_against(ref: list[dict], run: DPServeRun, label: str) -> float:
     worst = 0.0
     for rep, outs in run.by_replica.items():
@@ -104,8 +110,7 @@ def test_moe_dp2_oshared_spans_replicas_and_matches_flags_off(engines, dp_runs):
     assert run.log.count("o_shared [0, 1, 2, 3] (spans 2 DP replicas in lockstep)") == 4
     # Memory: 5 hidden layers over 4 ranks -> rank 0 owns 2 (layers 0 and 4),
     # the others 1; each receives into one ring slot. Replicated would be 5.
-    held = sorted((int(o), int(r)) for o, r in re.findall(
-        r"layers \(0\.\.4\) over 4 ranks.*?\((\d+) owned \+ (\d+) slots\)", run.log))
+    held = _layers_held(run.log, 4)
     assert held == [(1, 1), (1, 1), (1, 1), (2, 1)], held
     off = dp_runs(MOE_ARCH, {})
     worst = 0.0
@@ -123,8 +128,7 @@ def test_dense_dp2_oshared_stays_in_replica_without_hang(engines, dp_runs):
     # Each replica is its own 2-rank world with its own o_shared group.
     assert "spans 2 DP replicas" not in run.log
     assert run.log.count("o_shared [0, 1]") == 4
-    held = sorted((int(o), int(r)) for o, r in re.findall(
-        r"layers \(0\.\.4\) over 2 ranks.*?\((\d+) owned \+ (\d+) slots\)", run.log))
+    held = _layers_held(run.log, 2)
     assert held == [(2, 1), (2, 1), (3, 1), (3, 1)], held  # two replicas x two ranks
     worst = _check_against(engines.run(DENSE_ARCH, tp=2).outputs, run, "DP2xTP2 o_shared")
     print(f"\n{DENSE_ARCH} DP2xTP2 o_shared vs DP1 TP2: max prompt-logprob gap {worst:.2e}")

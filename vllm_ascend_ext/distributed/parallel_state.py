@@ -135,30 +135,19 @@ def flashcomm2_group_ranks(
         otp, odp = split_tp_group(list(g), otp_size)
         out.otp += otp
         out.odp += odp
-    if not oshared_spans_dp or dp == 1:
+    if not oshared_spans_dp:
         out.oshared = [list(g) for g in out.odp]
         return out
-    # TP groups come in vLLM's (external_dp, dp, pp, pcp) order; regroup the
-    # ODP groups so that one o_shared group holds ODP group j of every DP
-    # replica of one (external_dp, pp, pcp) cell.
-    k = otp_size
-    cells = _nest(out.odp, (world_size // (dp * pp * pcp * tp), dp, pp * pcp, k))
-    for e in range(len(cells)):
-        for s in range(pp * pcp):
-            for j in range(k):
-                out.oshared.append([r for d in range(dp) for r in cells[e][d][s][j]])
+    # TP group g = (e * dp + d) * cells + s in vLLM's (external_dp, dp, pp*pcp)
+    # order, and its ODP group j is out.odp[g * k + j]; one o_shared group joins
+    # ODP group j of every replica d of one (external_dp e, stage s) cell.
+    k, cells = otp_size, pp * pcp
+    outer = world_size // (dp * cells * tp)
+    out.oshared = [
+        [r for d in range(dp) for r in out.odp[((e * dp + d) * cells + s) * k + j]]
+        for e in range(outer) for s in range(cells) for j in range(k)
+    ]
     return out
-
-
-def _nest(items: list, shape: tuple[int, ...]) -> list:
-    """``items`` (a flat list) as nested lists of ``shape`` (row-major)."""
-    if len(shape) == 1:
-        if len(items) != shape[0]:
-            raise FlashComm2GroupError(f"cannot lay {len(items)} groups out as {shape}")
-        return list(items)
-    step = len(items) // shape[0]
-    return [_nest(items[i * step:(i + 1) * step], shape[1:])
-            for i in range(shape[0])]
 
 
 # --------------------------------------------------------------------------
