@@ -85,6 +85,11 @@ def run_one(model: str, tp: int, env_flags: dict, args) -> dict:
                "--max-model-len", str(args.input_len + args.output_len + 16),
                "--dtype", args.dtype, "--output-json", str(out_json), "--seed", "0",
                "--enforce-eager"]
+        if not args.no_cpu_env:
+            from vllm_ascend_ext.cpu_attention import cpu_attention_backend
+
+            backend = cpu_attention_backend(model, args.dtype)  # never left to the CPU model
+            cmd += ["--attention-backend", backend] if backend else []
         t0 = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -107,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "results/bench_throughput.json"))
     args = ap.parse_args(argv)
 
+    from vllm_ascend_ext.cpu_attention import cpu_has_amx, cpu_model_name
+
     model = _model_dir(args)
     rows = []
     for name, flags in CONFIGS:
@@ -124,7 +131,8 @@ def main(argv=None) -> int:
     result = {
         "model": model, "tp": args.tp, "input_len": args.input_len,
         "output_len": args.output_len, "num_prompts": args.num_prompts, "dtype": args.dtype,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {cpu_model_name()}"
+                   f"{' (AMX)' if cpu_has_amx() else ' (no AMX)'}",
         "note": "CPU/gloo timings do not predict NPU/HCCL ones.",
         "rows": rows,
     }

@@ -5,7 +5,11 @@ Builds (or reuses) the tiny checkpoint, starts the real ``vllm`` CLI on
 completion over HTTP, prints the reply and what the plugin reported it
 actually ran with, and shuts the server down.
 
-    python -m vllm_ascend_ext.demo [--flags-off] [--arch deepseek_v3]
+    python -m vllm_ascend_ext.demo [--flags-off] [--arch deepseek_v3] [--dtype bfloat16]
+
+fp32 (the default) runs DeepSeek on vLLM's reference ``CPU_MLA`` backend on
+any CPU; ``--dtype bfloat16`` takes ``AMX_MLA``, the fast path, where the CPU
+has AMX (``vllm_ascend_ext.cpu_attention``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default="deepseek_v3")
     ap.add_argument("--flags-off", action="store_true", help="serve with plain TP")
     ap.add_argument("--prompt", default="The river town woke slowly. Fishermen")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = ap.parse_args(argv)
 
     from vllm_ascend_ext.local_server import VllmServer
@@ -39,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     env = {} if args.flags_off else dict(DEMO_FLAGS)
     print(f"model: {model}")
     print("flags: " + (", ".join(f"{k}={v}" for k, v in env.items()) or "none (plain TP)"))
-    server = VllmServer(model=model, tp=2, env=env)
+    server = VllmServer(model=model, tp=2, dtype=args.dtype, env=env)
+    from vllm_ascend_ext.cpu_attention import cpu_attention_backend, cpu_has_amx, cpu_model_name
+
+    backend = cpu_attention_backend(model, args.dtype)
+    print(f"cpu: {cpu_model_name()} ({'AMX' if cpu_has_amx() else 'no AMX'}); dtype {args.dtype}"
+          + (f", attention backend {backend}" if backend else ""))
     print("starting: " + " ".join(server.command()[:3]) + " ... (TP=2, 127.0.0.1)")
     with server:
         body = json.dumps({"model": model, "prompt": args.prompt, "max_tokens": 16,

@@ -51,6 +51,7 @@ class VllmServer:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    dtype: str = "float32"
     env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
     port: int = 0
@@ -65,14 +66,19 @@ class VllmServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
+        from vllm_ascend_ext.cpu_attention import cpu_attention_backend
+
+        # The MLA backend follows the dtype, never the CPU the run lands on.
+        backend = cpu_attention_backend(self.model, self.dtype)
         return [
             vllm_cli(), "serve", self.model,
             "--host", "127.0.0.1", "--port", str(self.port),
             "--tensor-parallel-size", str(self.tp),
             "--pipeline-parallel-size", str(self.pp),
             "--data-parallel-size", str(self.dp),
-            "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "32",
+            "--dtype", self.dtype, "--max-model-len", "512", "--max-num-seqs", "32",
             "--enforce-eager", "--disable-log-stats",
+            *(["--attention-backend", backend] if backend else []),
             *self.extra_args,
         ]
 

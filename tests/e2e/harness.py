@@ -61,14 +61,21 @@ class EngineResult:
 
 def run_vllm(model: str | Path, prompts: list[list[int]], *, tp: int = 1, pp: int = 1,
              env: dict[str, str] | None = None, max_tokens: int = 8, num_logprobs: int = 5,
-             enforce_eager: bool = True, llm_kwargs: dict | None = None,
+             enforce_eager: bool = True, dtype: str = "float32", pretend_amx: bool = False, llm_kwargs: dict | None = None,
              collective_rpc: list[str] | None = None, timeout: int = 600) -> EngineResult:
-    """Run one offline engine in a fresh process; return its logprobs."""
+    """Run one offline engine in a fresh process; return its logprobs.
+
+    ``pretend_amx`` makes vLLM believe the CPU has AMX tiles (single-process
+    engines only, tp * pp == 1): the AMX machine's backend selection on any CPU.
+    """
+    if pretend_amx and tp * pp != 1:
+        raise ValueError("pretend_amx patches the engine process only; use tp=pp=1")
     world = tp * pp
     spec = {
         "model": str(model), "tp": tp, "pp": pp, "prompts": prompts,
         "max_tokens": max_tokens, "num_logprobs": num_logprobs,
-        "enforce_eager": enforce_eager, "llm_kwargs": llm_kwargs or {},
+        "enforce_eager": enforce_eager, "dtype": dtype, "llm_kwargs": llm_kwargs or {},
+        "pretend_amx": pretend_amx,
         "collective_rpc": collective_rpc or [],
         "env": {},
     }
@@ -85,7 +92,8 @@ def run_vllm(model: str | Path, prompts: list[list[int]], *, tp: int = 1, pp: in
         log = proc.stdout + proc.stderr
         if proc.returncode != 0 or not out_path.exists():
             raise RuntimeError(
-                f"vLLM run failed (rc={proc.returncode}, tp={tp}, pp={pp}, env={env}):\n"
+                f"vLLM run failed (rc={proc.returncode}, tp={tp}, pp={pp}, dtype={dtype}, "
+                f"env={env}):\n"
                 + root_cause(log)
             )
         data = json.loads(out_path.read_text())
@@ -213,12 +221,13 @@ class EngineCache:
         self._runs: dict = {}
 
     def run(self, arch: str, *, tp: int, env: dict | None = None, eager: bool = True,
-            pp: int = 1) -> EngineResult:
-        key = (arch, tp, pp, tuple(sorted((env or {}).items())), eager)
+            pp: int = 1, dtype: str = "float32") -> EngineResult:
+        key = (arch, tp, pp, tuple(sorted((env or {}).items())), eager, dtype)
         if key not in self._runs:
             model = self._tiny_model(arch)
             self._runs[key] = run_vllm(model, make_prompts(model), tp=tp, pp=pp, env=env,
-                                       enforce_eager=eager, collective_rpc=[MEMORY_RPC])
+                                       enforce_eager=eager, dtype=dtype,
+                                       collective_rpc=[MEMORY_RPC])
         return self._runs[key]
 
 

@@ -20,6 +20,11 @@ def _top(logprobs_entry) -> dict[str, float]:
 def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     os.environ.update({k: str(v) for k, v in spec.get("env", {}).items()})
+    if spec.get("pretend_amx"):
+        import torch
+
+        # vLLM's CPU platform asks this very function which MLA backend to take.
+        torch.cpu._is_amx_tile_supported = lambda: True
 
     from vllm import LLM, SamplingParams
 
@@ -34,6 +39,12 @@ def main(spec_path: str, out_path: str) -> None:
         seed=0,
         distributed_executor_backend="mp" if spec.get("tp", 1) * spec.get("pp", 1) > 1 else None,
     )
+    from vllm_ascend_ext.cpu_attention import cpu_attention_backend
+
+    # Stated, never picked by vLLM from the CPU model (AMX_MLA takes no fp32).
+    backend = cpu_attention_backend(spec["model"], llm_kwargs["dtype"])
+    if backend:
+        llm_kwargs["attention_backend"] = backend
     llm_kwargs.update(spec.get("llm_kwargs", {}))
     llm = LLM(**llm_kwargs)
     params = SamplingParams(
