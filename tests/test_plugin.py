@@ -30,17 +30,39 @@ def test_vllm_loads_the_plugin_in_a_fresh_process():
 
 
 @pytest.mark.parametrize("version,ok", [
-    ("0.32.0", True), ("0.32.0+cpu", True), ("0.32.0.post1", True),
-    ("0.31.2", False), ("0.33.0", False),
+    ("0.25.1", True), ("0.25.1rc1.dev5", True), ("0.26.0", True), ("0.27.1+cpu", True),
+    ("0.31.2", True), ("0.32.0", True), ("0.32.0+cpu", True), ("0.32.0.post1", True),
+    ("0.32.7", True),
+    ("0.25.0", False), ("0.24.0", False), ("0.23.0+empty", False), ("0.33.0", False),
+    ("1.0.0", False),
 ])
-def test_version_check(version, ok):
+def test_version_check_is_a_range(version, ok):
     from vllm_ascend_ext.version_check import UnsupportedVllmVersion, check_vllm_version
 
     if ok:
         assert check_vllm_version(version) == version
     else:
-        with pytest.raises(UnsupportedVllmVersion, match=rf"supports vLLM 0\.32\.0, but vLLM {version}"):
+        with pytest.raises(UnsupportedVllmVersion) as e:
             check_vllm_version(version)
+        msg = str(e.value)
+        assert f"supports vLLM >=0.25.1,<0.33" in msg
+        assert f"but vLLM {version} is installed" in msg
+
+
+def test_plugin_refuses_an_out_of_range_vllm_in_vllms_own_loader(tmp_path):
+    """The real ``vllm`` package reports another version: vLLM's plugin loader
+    must fail with our message, not load the plugin."""
+    code = (
+        "import vllm\n"
+        "vllm.__version__ = '0.24.0'\n"
+        "from vllm.plugins import load_general_plugins\n"
+        "load_general_plugins()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0
+    assert "supports vLLM >=0.25.1,<0.33" in out.stderr
+    assert "but vLLM 0.24.0 is installed" in out.stderr
 
 
 def test_vllm_cli_reports_its_version():
@@ -50,7 +72,9 @@ def test_vllm_cli_reports_its_version():
 
     out = subprocess.run([vllm_cli(), "--version"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1].startswith("0.32.0")
+    import vllm
+
+    assert out.stdout.strip().splitlines()[-1].startswith(vllm.__version__.split("+")[0])
 
 
 def test_vllm_alias_keeps_cpu_platform_detection():

@@ -378,6 +378,8 @@ def _case_cpu_unquantized(rank, group):
     import torch.nn.functional as F
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
+    from vllm_ascend_ext.compat import FIRST_VLLM_WITH_CPU_SKIP_GEMM_DISPATCH, vllm_release
+
     layers = [_make_linear(i) for i in range(0, 3)]
     series = SharedWeightSeries("cpu-unquantized", group, 1)
     for layer in layers:
@@ -388,7 +390,9 @@ def _case_cpu_unquantized(rank, group):
         "method": [type(m.quant_method).__name__ for m in layers],
         "is_unquantized": all(isinstance(m.quant_method, UnquantizedLinearMethod)
                               for m in layers),
-        "skip_flag": all(m._cpu_skip_gemm_dispatch for m in layers),
+        # vLLM >= 0.32 honours the flag; older releases get compat's post-load.
+        "skip_flag": all(getattr(m, "_cpu_skip_gemm_dispatch", False) for m in layers)
+        == (vllm_release() >= FIRST_VLLM_WITH_CPU_SKIP_GEMM_DISPATCH),
         "cpu_linear_is_F_linear": all(m.cpu_linear is F.linear for m in layers),
         "weight_shapes": [tuple(m.weight.shape) for m in layers],
     }
@@ -631,13 +635,19 @@ def _error_cases(rank, group):
     def unbroadcastable_representation():
         layers = [_make_linear(i) for i in range(2)]
         s = SharedWeightSeries("err-onednn", group, 1)
+        import vllm_ascend_ext.compat as compat
+
+        keep = compat.keep_cpu_linear_weight_plain
+        # Let vLLM pack a oneDNN handle, as any opaque quant method would.
+        compat.keep_cpu_linear_weight_plain = lambda layer, post_load: post_load
         try:
             for m in layers:
                 s.add_layer(m)
-                m._cpu_skip_gemm_dispatch = False  # let vLLM pack a oneDNN handle
+                m._cpu_skip_gemm_dispatch = False
             _load(layers)
             _post_load(layers)
         finally:
+            compat.keep_cpu_linear_weight_plain = keep
             s.close()
 
     for fn in (shape_mismatch, dtype_mismatch, non_consecutive, duplicate_layer,

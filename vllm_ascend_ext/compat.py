@@ -1,0 +1,59 @@
+"""Every place where this plugin's code depends on the vLLM release.
+
+The plugin supports vLLM ``version_check.SUPPORTED_VLLM_RANGE`` (0.25.1 up to
+0.32.x). Each shim below names the releases it serves; everything else in the
+package is written against APIs that are the same across that range (read in
+vLLM 0.23.0, 0.27.1, 0.32.0 and 0.33.0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+
+import torch.nn as nn
+
+
+@lru_cache(maxsize=1)
+def vllm_release() -> tuple[int, int, int]:
+    import vllm
+
+    from vllm_ascend_ext.version_check import release_tuple
+
+    return release_tuple(vllm.__version__)
+
+
+# --- CPU: keep an unquantized linear weight a plain tensor --------------------
+#
+# vLLM CPU's UnquantizedLinearMethod.process_weights_after_loading packs the
+# weight into a oneDNN handle (``layer.cpu_linear``) and leaves ``layer.weight``
+# empty, which a shared-weight series cannot broadcast.
+#
+# - vLLM >= 0.32: the method honours ``layer._cpu_skip_gemm_dispatch = True``
+#   (vLLM's own escape hatch for MLA's kv_b_proj): ``cpu_linear = F.linear``,
+#   weight untouched.
+# - vLLM 0.25.1 .. 0.31: no such flag (absent in 0.27.1); the method always
+#   packs. The shim replaces that one post-load step with what 0.32 does for
+#   the flag. Other quant methods are left alone.
+FIRST_VLLM_WITH_CPU_SKIP_GEMM_DISPATCH = (0, 32, 0)
+
+
+def _cpu_plain_linear_post_load(layer: nn.Module) -> None:
+    import torch.nn.functional as F
+
+    layer.cpu_linear = F.linear
+
+
+def keep_cpu_linear_weight_plain(layer: nn.Module, post_load: Callable) -> Callable:
+    """Return the post-load step to run for ``layer`` on vLLM CPU so that its
+    processed weight stays a plain tensor (``post_load`` is the quant method's
+    own ``process_weights_after_loading``)."""
+    if vllm_release() >= FIRST_VLLM_WITH_CPU_SKIP_GEMM_DISPATCH:
+        layer._cpu_skip_gemm_dispatch = True
+        return post_load
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    method = getattr(post_load, "__self__", None)
+    if type(method) is UnquantizedLinearMethod:
+        return _cpu_plain_linear_post_load
+    return post_load
