@@ -123,23 +123,34 @@ def test_parse_is_pure_and_frozen(monkeypatch):
 # --------------------------------------------------------------------------
 
 
-def _vllm_config(tp=4, pp=1, dp=1, arch="DeepseekV3ForCausalLM", layers=8):
-    """A real ParallelConfig and a real HF config, in a minimal VllmConfig stand-in
-    (a real ModelConfig needs a checkpoint directory; see test_real_vllm_config)."""
+def _vllm_config(tp=4, pp=1, dp=1, arch="DeepseekV3ForCausalLM", layers=8,
+                 additional=None, graphs=None, eager=False, sp_pass=False):
+    """A real ParallelConfig, HF config and CompilationConfig, in a minimal
+    VllmConfig stand-in (a real ModelConfig needs a checkpoint directory; see
+    test_real_vllm_config). ``graphs``: a CUDAGraphMode name to capture with."""
     from transformers import PretrainedConfig
-    from vllm.config import ParallelConfig
+    from vllm.config import CompilationConfig, CUDAGraphMode, ParallelConfig
 
     hf = PretrainedConfig(architectures=[arch], num_hidden_layers=layers)
+    compilation = CompilationConfig(cudagraph_mode=CUDAGraphMode[graphs or "NONE"])
+    if sp_pass:  # vLLM's sequence-parallel pass (pass_config.enable_sp up to 0.27.x)
+        compilation = SimpleNamespace(cudagraph_mode=compilation.cudagraph_mode,
+                                      pass_config=SimpleNamespace(enable_sp=True))
     return SimpleNamespace(
         parallel_config=ParallelConfig(
             tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp
         ),
-        model_config=SimpleNamespace(hf_config=hf),
-        additional_config={},
+        model_config=SimpleNamespace(hf_config=hf, enforce_eager=eager),
+        compilation_config=compilation,
+        additional_config=additional or {},
     )
 
 
 SUPPORTED_TEXT = ", ".join(SUPPORTED_ARCHITECTURES)
+SHARDED_RULE = ("FlashComm2 returns full (not token-sharded) hidden states, but "
+                "VLLM_ASCEND_ENABLE_FLASHCOMM1=%s makes the layers around o_proj expect "
+                "token-sharded ones (FlashComm1 / sequence parallelism); turn that setting "
+                "off or FlashComm2 off")
 
 VALIDATE_ERRORS = [
     ("tp1", {ENV_PARALLEL_SIZE: "1"}, None, dict(tp=1),
@@ -181,6 +192,29 @@ VALIDATE_ERRORS = [
     ("unsupported-arch", {ENV_PARALLEL_SIZE: "1"}, None, dict(arch="LlamaForCausalLM"),
      f"{ENV_PARALLEL_SIZE}='1' is invalid: FlashComm2 does not support architecture "
      f"['LlamaForCausalLM']; supported: {SUPPORTED_TEXT}"),
+    # Token-sharded hidden states around o_proj (docs/ascend.md, contract 3).
+    ("flashcomm1-env", {ENV_PARALLEL_SIZE: "1", "VLLM_ASCEND_ENABLE_FLASHCOMM1": "1"}, None,
+     dict(), f"{ENV_PARALLEL_SIZE}='1' is invalid: " + SHARDED_RULE % repr("1")),
+    ("shared-expert-dp", {ENV_PARALLEL_SIZE: "1"}, None,
+     dict(additional={"enable_shared_expert_dp": True}),
+     f"{ENV_PARALLEL_SIZE}='1' is invalid: FlashComm2 returns full (not token-sharded) "
+     'hidden states, but additional_config["enable_shared_expert_dp"]=True makes the layers '
+     "around o_proj expect token-sharded ones (FlashComm1 / sequence parallelism); turn that "
+     "setting off or FlashComm2 off"),
+    ("sp-pass-and-flashcomm1", {ENV_PARALLEL_SIZE: "2"}, None,
+     dict(additional={"enable_flashcomm1": True}, sp_pass=True),
+     f"{ENV_PARALLEL_SIZE}='2' is invalid: FlashComm2 returns full (not token-sharded) "
+     'hidden states, but additional_config["enable_flashcomm1"]=True, '
+     "compilation_config.pass_config.enable_sp=True makes the layers around o_proj expect "
+     "token-sharded ones (FlashComm1 / sequence parallelism); turn that setting off or "
+     "FlashComm2 off"),
+    # Graph capture with o_shared (contract 5).
+    ("oshared-graphs", {ENV_PARALLEL_SIZE: "1", ENV_OSHARED: "1"}, None,
+     dict(graphs="PIECEWISE"),
+     f"{ENV_OSHARED}='1' is invalid: o_shared's broadcasts are Python-driven and do not "
+     "re-run when a captured graph replays, but graph capture is on "
+     "(compilation_config.cudagraph_mode=PIECEWISE); run eagerly (--enforce-eager, or "
+     "cudagraph_mode NONE), or turn o_shared off (FlashComm2 alone works with graphs)"),
 ]
 
 
@@ -189,7 +223,7 @@ VALIDATE_ERRORS = [
 def test_validate_errors(env, ac, vc, message):
     cfg = parse_flashcomm2_config(env, ac)
     with pytest.raises(FlashComm2ConfigError) as info:
-        validate_flashcomm2_config(cfg, _vllm_config(**vc))
+        validate_flashcomm2_config(cfg, _vllm_config(**vc), env)
     assert str(info.value) == message
 
 
@@ -204,13 +238,19 @@ VALIDATE_OK = [
      dict(tp=16, layers=1, arch="DeepseekV2ForCausalLM")),
     ("fc2-without-oshared-ignores-step", {ENV_PARALLEL_SIZE: "2", ENV_PREFETCH_STEP: "50"},
      None, dict(tp=4, layers=4, arch="Qwen2ForCausalLM")),
+    # FlashComm2 alone runs inside captured graphs; o_shared needs eager.
+    ("fc2-graphs", {ENV_PARALLEL_SIZE: "1"}, None, dict(graphs="FULL_AND_PIECEWISE")),
+    ("oshared-enforce-eager", {ENV_PARALLEL_SIZE: "1", ENV_OSHARED: "1"}, None,
+     dict(graphs="PIECEWISE", eager=True)),
+    ("flashcomm1-off-words", {ENV_PARALLEL_SIZE: "1", "VLLM_ASCEND_ENABLE_FLASHCOMM1": "0"},
+     None, dict(additional={"enable_shared_expert_dp": False})),
 ]
 
 
 @pytest.mark.parametrize("env,ac,vc", [c[1:] for c in VALIDATE_OK],
                          ids=[c[0] for c in VALIDATE_OK])
 def test_validate_ok(env, ac, vc):
-    validate_flashcomm2_config(parse_flashcomm2_config(env, ac), _vllm_config(**vc))
+    validate_flashcomm2_config(parse_flashcomm2_config(env, ac), _vllm_config(**vc), env)
 
 
 def test_every_supported_architecture_accepted():
@@ -252,7 +292,10 @@ def test_real_vllm_config(tiny_model, monkeypatch, caplog):
     assert (cfg.parallel_size, cfg.oshared, cfg.prefetch_step) == (2, True, 2)
     assert again == cfg
     assert cfg.sources["prefetch_step"] == ENV_PREFETCH_STEP
-    lines = [r.getMessage() for r in caplog.records if "FlashComm2 on" in r.getMessage()]
+    # One record (caplog may list the same record object twice when vLLM's
+    # logging config attaches it to two handlers, as 0.27.1's does).
+    records = {id(r): r for r in caplog.records if "FlashComm2 on" in r.getMessage()}
+    lines = [r.getMessage() for r in records.values()]
     assert len(lines) == 1, lines  # logged once
     assert "o_proj TP size=2" in lines[0] and "tensor_parallel_size=4" in lines[0]
 

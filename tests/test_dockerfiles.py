@@ -298,4 +298,4 @@ def test_check_script_on_this_machine():
     assert ok.returncode == 0, ok.stderr
     bad = run("ascend")
     assert bad.returncode == 1
-    assert "vllm-ascend: not installed, expected 0.25.1" in bad.stderr
+    assert "vllm-ascend: not installed, expected" in bad.stderr

@@ -4,6 +4,7 @@ series, and "flags off means vLLM's model untouched"."""
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,23 @@ from tests.dist_utils import run_distributed
 NUM_HIDDEN = 3  # layers 0..2 are hidden layers; layer 3 plays DeepSeek's MTP layer
 
 
-def _toy_model():
+class AscendStyleImpl:
+    """What vllm-ascend's AscendMLAImpl does with its o_proj: it is handed the
+    module through MLAAttention's extra impl args and keeps it as a plain
+    attribute (``self.o_proj = kwargs["o_proj"]``); the impl is no nn.Module."""
+
+    def __init__(self, **kwargs):
+        self.o_proj = kwargs["o_proj"]
+
+
+class UnknownHolder:
+    """A holder nobody told us about."""
+
+    def __init__(self, o_proj):
+        self.cached_projection = o_proj
+
+
+def _toy_model(unknown_holder: bool = False):
     import torch.nn as nn
     from vllm.model_executor.layers.linear import RowParallelLinear
 
@@ -24,6 +41,11 @@ def _toy_model():
             # vLLM's MLA wrapper holds the very same o_proj object.
             self.mla_attn = nn.Module()
             self.mla_attn.o_proj = self.o_proj
+            # vllm-ascend's MLA path: MLAAttention(...).impl keeps it too.
+            self.mla_attn.attn = nn.Module()
+            self.mla_attn.attn.impl = AscendStyleImpl(o_proj=self.o_proj)
+            if unknown_holder:
+                self.mla_attn.attn.extra = UnknownHolder(self.o_proj)
 
     class Layer(nn.Module):
         def __init__(self, i):
@@ -46,17 +68,30 @@ def _vllm_config(tp: int, additional_config: dict | None = None):
     )
 
 
-def _install_worker(rank, world_size, additional_config):
-    from vllm_ascend_ext.distributed.parallel_state import destroy_flashcomm2_groups
-    from vllm_ascend_ext.models.flashcomm2_install import install_flashcomm2
+def _install_worker(rank, world_size, additional_config, unknown_holder=False):
+    import weakref
 
-    model = _toy_model()
-    state = install_flashcomm2(model, _vllm_config(world_size, additional_config))
+    from vllm_ascend_ext.distributed.parallel_state import destroy_flashcomm2_groups
+    from vllm_ascend_ext.models.flashcomm2_install import (
+        StaleOProjReference,
+        install_flashcomm2,
+    )
+
+    model = _toy_model(unknown_holder)
+    old = [weakref.ref(l.self_attn.o_proj) for l in model.model.layers]
+    try:
+        state = install_flashcomm2(model, _vllm_config(world_size, additional_config))
+    except StaleOProjReference as e:
+        destroy_flashcomm2_groups()
+        return {"error": str(e)}
     out = {"state": state is not None}
     if state is not None:
         layers = model.model.layers
         out["classes"] = [type(l.self_attn.o_proj).__name__ for l in layers]
         out["mla_same_object"] = [l.self_attn.mla_attn.o_proj is l.self_attn.o_proj for l in layers]
+        out["impl_same_object"] = [l.self_attn.mla_attn.attn.impl.o_proj is l.self_attn.o_proj
+                                   for l in layers]
+        out["old_alive"] = [r() is not None for r in old]
         out["prefixes"] = state.o_proj_prefixes
         series = state.series
         out["series_layers"] = (
@@ -79,12 +114,26 @@ def test_install_replaces_hidden_o_projs_only_and_builds_the_series():
     for rank, r in enumerate(results):
         assert r["classes"] == ["FlashComm2RowParallelLinear"] * NUM_HIDDEN + ["RowParallelLinear"]
         assert all(r["mla_same_object"]), "MLA wrapper kept a stale o_proj"
+        # vllm-ascend's impl.o_proj follows the swap; the replaced modules are freed.
+        assert all(r["impl_same_object"]), "the attention impl kept a stale o_proj"
+        assert r["old_alive"] == [False] * NUM_HIDDEN + [True]
         assert r["prefixes"] == [f"model.layers.{i}.self_attn.o_proj" for i in range(NUM_HIDDEN)]
         assert r["series_layers"] == [f"model.layers.{i}.self_attn.o_proj"
                                       for i in range(NUM_HIDDEN)]
         # k=1: full 64x32 o_proj; owner = layer % 2; MTP layer 3 keeps its TP shard.
         owned = [64 * 32 if i % 2 == rank else 0 for i in range(NUM_HIDDEN)]
         assert r["weight_numel"] == owned + [32 * 32]
+
+
+def test_an_unknown_holder_of_the_old_o_proj_stops_start_up():
+    cfg = {"enable_flashcomm2_parallel_size": 1, "layer_sharding": ["o_proj"]}
+    for r in run_distributed(_install_worker, 2, cfg, True, tp_size=2):
+        msg = r["error"]
+        assert "something still holds the old ones" in msg
+        for i in range(NUM_HIDDEN):
+            # exactly the unknown holder, named by class and attribute
+            assert re.search(rf"model\.layers\.{i}\.self_attn\.o_proj: held by "
+                             r"[\w.]*UnknownHolder\.cached_projection\n", msg + "\n"), msg
 
 
 def test_bad_config_fails_before_any_group_is_built():

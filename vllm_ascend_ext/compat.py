@@ -57,3 +57,22 @@ def keep_cpu_linear_weight_plain(layer: nn.Module, post_load: Callable) -> Calla
     if type(method) is UnquantizedLinearMethod:
         return _cpu_plain_linear_post_load
     return post_load
+
+
+# --- vLLM's sequence-parallel compile pass ------------------------------------
+#
+# - vLLM 0.25.1 .. 0.27.1 (and its neighbours): ``pass_config.enable_sp``
+#   (older releases: ``enable_sequence_parallelism``).
+# - vLLM 0.32: no sequence-parallel pass in ``PassConfig``; nothing to find.
+SEQUENCE_PARALLEL_PASS_FIELDS = ("enable_sp", "enable_sequence_parallelism")
+
+
+def sequence_parallel_pass_setting(compilation_config) -> str | None:
+    """``compilation_config.pass_config.<field>=True`` when vLLM's
+    sequence-parallel pass is on (it shards the hidden states around o_proj
+    by token), else None."""
+    pass_config = getattr(compilation_config, "pass_config", None)
+    for name in SEQUENCE_PARALLEL_PASS_FIELDS:
+        if getattr(pass_config, name, None):
+            return f"compilation_config.pass_config.{name}=True"
+    return None

@@ -283,13 +283,64 @@ def _stage_layers(num_hidden_layers: int, pp_size: int) -> int:
     return num_hidden_layers // max(pp_size, 1)
 
 
-def validate_flashcomm2_config(cfg: FlashComm2Config, vllm_config: Any) -> None:
+#: Settings under which the code around o_proj expects token-sharded hidden
+#: states (sequence parallelism). FlashComm2's output is the full [T, h].
+#: vllm-ascend v0.25.1rc1 / v0.26: ``ascend_config.py`` (enable_flashcomm1,
+#: also forced by enable_shared_expert_dp through ``utils.enable_sp``); vLLM:
+#: the sequence-parallel compile pass.
+ENV_ASCEND_FLASHCOMM1 = "VLLM_ASCEND_ENABLE_FLASHCOMM1"
+TOKEN_SHARDED_ADDITIONAL_CONFIG = ("enable_flashcomm1", "enable_shared_expert_dp")
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in ("", "0", "false", "no", "off")
+    return bool(value)
+
+
+def token_sharded_settings(env: Mapping[str, str], vllm_config: Any) -> list[str]:
+    """``name=value`` of every setting that asks for token-sharded hidden
+    states around o_proj."""
+    found = []
+    if _truthy(env.get(ENV_ASCEND_FLASHCOMM1, "")):
+        found.append(f"{ENV_ASCEND_FLASHCOMM1}={env[ENV_ASCEND_FLASHCOMM1]!r}")
+    additional = getattr(vllm_config, "additional_config", None) or {}
+    for key in TOKEN_SHARDED_ADDITIONAL_CONFIG:
+        if isinstance(additional, Mapping) and _truthy(additional.get(key, False)):
+            found.append(f"{_ac(key)}={additional[key]!r}")
+    from vllm_ascend_ext.compat import sequence_parallel_pass_setting
+
+    sp_pass = sequence_parallel_pass_setting(getattr(vllm_config, "compilation_config", None))
+    if sp_pass:
+        found.append(sp_pass)
+    return found
+
+
+def graph_capture_mode(vllm_config: Any) -> str | None:
+    """The graph-capture mode the engine will replay (None when it runs eagerly).
+
+    ACL graphs on Ascend and CUDA graphs on GPU both follow vLLM's
+    ``compilation_config.cudagraph_mode``; ``enforce_eager`` turns it off."""
+    model_config = getattr(vllm_config, "model_config", None)
+    if getattr(model_config, "enforce_eager", False):
+        return None
+    mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+    if mode is None:
+        return None
+    name = getattr(mode, "name", str(mode))
+    return None if name.upper() == "NONE" else name
+
+
+def validate_flashcomm2_config(cfg: FlashComm2Config, vllm_config: Any,
+                               env: Mapping[str, str] | None = None) -> None:
     """Check ``cfg`` against the engine's ``VllmConfig``.
 
-    Reads ``parallel_config.{tensor,pipeline,data}_parallel_size`` and
-    ``model_config.hf_config.{num_hidden_layers,architectures}``.  Nothing is
+    Reads ``parallel_config.{tensor,pipeline,data}_parallel_size``,
+    ``model_config.hf_config.{num_hidden_layers,architectures}``, the
+    sequence-parallel settings and the graph-capture mode.  Nothing is
     checked when FlashComm2 and o_shared are both off.
     """
+    env = os.environ if env is None else env
     size_src = _label(cfg, "parallel_size", ENV_PARALLEL_SIZE)
     oshared_src = _label(cfg, "oshared", ENV_OSHARED)
     step_src = _label(cfg, "prefetch_step", ENV_PREFETCH_STEP)
@@ -341,7 +392,25 @@ def validate_flashcomm2_config(cfg: FlashComm2Config, vllm_config: Any) -> None:
             f"{', '.join(SUPPORTED_ARCHITECTURES)}",
         )
 
+    sharded = token_sharded_settings(env, vllm_config)
+    if sharded:
+        raise _bad(
+            size_src, k_raw,
+            f"FlashComm2 returns full (not token-sharded) hidden states, but "
+            f"{', '.join(sharded)} makes the layers around o_proj expect token-sharded "
+            "ones (FlashComm1 / sequence parallelism); turn that setting off or FlashComm2 off",
+        )
+
     if cfg.oshared:
+        mode = graph_capture_mode(vllm_config)
+        if mode is not None:
+            raise _bad(
+                oshared_src, _raw(cfg, "oshared"),
+                f"o_shared's broadcasts are Python-driven and do not re-run when a captured "
+                f"graph replays, but graph capture is on (compilation_config.cudagraph_mode="
+                f"{mode}); run eagerly (--enforce-eager, or cudagraph_mode NONE), or turn "
+                "o_shared off (FlashComm2 alone works with graphs)",
+            )
         layers = int(hf_config.num_hidden_layers)
         stage = _stage_layers(layers, pp)
         if stage < 1:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import weakref
 from dataclasses import dataclass, field
 
 import torch.nn as nn
@@ -76,10 +77,14 @@ def _o_proj_sites(model: nn.Module, num_hidden_layers: int):
 
 
 def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> int:
-    """Point every parent that holds ``old`` as a child at ``new``.
+    """Point every holder of ``old`` that we know of at ``new``:
 
-    MLA keeps the same o_proj object twice (the attention's ``o_proj`` and the
-    MLA wrapper's), so a single ``setattr`` would leave a stale copy in use.
+    - every parent that holds ``old`` as a child (MLA keeps the same o_proj
+      object twice: the attention's ``o_proj`` and the MLA wrapper's);
+    - every attention implementation that keeps a private ``o_proj``
+      (vllm-ascend's ``AscendMLAImpl`` stores ``kwargs["o_proj"]``, handed
+      over by its MLA wrapper through vLLM's ``MLAAttention``; the impl is not
+      an ``nn.Module``, so walking children never finds it).
     """
     hits = 0
     for parent in root.modules():
@@ -87,7 +92,73 @@ def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> int:
             if child is old:
                 parent._modules[child_name] = new
                 hits += 1
+        impl = parent.__dict__.get("impl")
+        if impl is not None and getattr(impl, "o_proj", None) is old:
+            impl.o_proj = new
+            hits += 1
     return hits
+
+
+class StaleOProjReference(RuntimeError):
+    """Something we do not know how to rewire still holds a replaced o_proj."""
+
+
+def _holder_names(obj: object) -> list[str]:
+    """Readable names of what still references ``obj`` (for the error).
+
+    Plain loops on purpose: a comprehension mentioning ``obj`` would close
+    over it, and that closure cell would show up as one more holder."""
+    import gc
+    import types
+
+    names = []
+    for ref in gc.get_referrers(obj):
+        if isinstance(ref, types.FrameType):
+            continue  # the caller's own frame
+        if isinstance(ref, types.MethodType) and ref.__self__ is obj:
+            continue  # its own bound methods (e.g. parameters' weight_loader)
+        owner, attrs = ref, getattr(ref, "__dict__", None)
+        if isinstance(ref, dict):
+            owner, attrs = None, ref
+            for o in gc.get_referrers(ref):
+                if getattr(o, "__dict__", None) is ref:
+                    owner = o
+        keys = []
+        if isinstance(attrs, dict):
+            for k, v in attrs.items():
+                if v is obj:
+                    keys.append(k)
+        for k in keys:
+            if owner is None:
+                names.append(f"a dict under key {k!r}")
+            else:
+                names.append(f"{type(owner).__module__}.{type(owner).__qualname__}.{k}")
+        if not keys:
+            names.append(f"a {type(ref).__module__}.{type(ref).__qualname__} object")
+    return names
+
+
+def check_no_stale_o_proj(replaced: dict[str, weakref.ref]) -> None:
+    """Every replaced o_proj must be gone once the swap is done: a survivor
+    is still referenced somewhere, and a forward through that reference
+    would run weights that are never loaded (silent garbage)."""
+    import gc
+
+    gc.collect()
+    lines = []
+    for name, ref in replaced.items():
+        if ref() is None:
+            continue
+        holders = _holder_names(ref())  # no other strong reference on this frame
+        lines.append(f"{name}: held by {', '.join(holders) or 'an unknown object'}")
+    if lines:
+        raise StaleOProjReference(
+            "FlashComm2 replaced these o_proj layers, but something still holds the old "
+            "ones (their weights are never loaded, so any call through them returns "
+            "garbage):\n  " + "\n  ".join(lines)
+            + "\nvllm-ascend-ext rewires nn.Module parents and attention impls' `o_proj`; "
+            "this holder is unknown to it. Please report it with your vLLM / vllm-ascend "
+            "versions.")
 
 
 def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | None:
@@ -118,7 +189,10 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
             prefetch_step=cfg.prefetch_step,
         )
 
-    for name, layer_idx, old in list(_o_proj_sites(model, hf_config.num_hidden_layers)):
+    replaced: dict[str, weakref.ref] = {}
+    sites = list(_o_proj_sites(model, hf_config.num_hidden_layers))
+    while sites:
+        name, layer_idx, old = sites.pop(0)
         new = FlashComm2RowParallelLinear(
             input_size=old.input_size,
             output_size=old.output_size,
@@ -136,7 +210,9 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
             # released before the next layer's is allocated.
             state.series.add_layer(new, layer_idx)
         state.o_proj_prefixes.append(name)
+        replaced[name] = weakref.ref(old)
         del old
+    check_no_stale_o_proj(replaced)
 
     atexit.register(state.close)
     if not state.o_proj_prefixes:

@@ -38,8 +38,22 @@ def oproj_memory(worker) -> dict:
             st = t.untyped_storage()
             if st.nbytes():
                 storages[st.data_ptr()] = st.nbytes()
+    # Attention impls that keep a private o_proj (vllm-ascend's AscendMLAImpl):
+    # each must hold one of the model's live o_proj modules.
+    live = {id(m) for name, m in model.named_modules() if name.endswith("self_attn.o_proj")}
+    impl_classes: list[str] = []
+    impl_stale = 0
+    for module in model.modules():
+        impl = module.__dict__.get("impl")
+        held = getattr(impl, "o_proj", None) if impl is not None else None
+        if held is not None:
+            impl_classes.append(type(held).__name__)
+            impl_stale += id(held) not in live
     series = getattr(getattr(model, "flashcomm2", None), "series", None)
     return {
+        "impl_o_proj_classes": sorted(set(impl_classes)),
+        "impl_o_proj_count": len(impl_classes),
+        "impl_o_proj_stale": impl_stale,
         "o_proj_layers": layers,
         "o_proj_storage_bytes": sum(storages.values()),
         "o_proj_classes": sorted(classes),
