@@ -51,6 +51,7 @@ from vllm_ascend_ext.distributed.communication import (
     all_to_all_dim0,
     reduce_scatter_dim0,
 )
+from vllm_ascend_ext.ops.quant_terms import apply_linear
 
 __all__ = [
     "FlashComm2Plan",
@@ -337,7 +338,8 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
                 # the prefetch below overwrites it, so keep a private copy for
                 # the add after the reduction and for skip_bias_add callers.
                 bias = bias.clone()
-        out = self.quant_method.apply(self, x_shard, bias if fuse_bias else None)
+        # Rank-dependent terms (vllm-ascend's quant_bias) once per output sum.
+        out = apply_linear(self, x_shard, bias if fuse_bias else None)
         if series is not None:
             series.prefetch_after(self, out)
 
