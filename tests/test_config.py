@@ -124,7 +124,7 @@ def test_parse_is_pure_and_frozen(monkeypatch):
 
 
 def _vllm_config(tp=4, pp=1, dp=1, arch="DeepseekV3ForCausalLM", layers=8,
-                 additional=None, graphs=None, eager=False, sp_pass=False):
+                 additional=None, graphs=None, eager=False, sp_pass=False, ep=False):
     """A real ParallelConfig, HF config and CompilationConfig, in a minimal
     VllmConfig stand-in (a real ModelConfig needs a checkpoint directory; see
     test_real_vllm_config). ``graphs``: a CUDAGraphMode name to capture with."""
@@ -138,7 +138,8 @@ def _vllm_config(tp=4, pp=1, dp=1, arch="DeepseekV3ForCausalLM", layers=8,
                                       pass_config=SimpleNamespace(enable_sp=True))
     return SimpleNamespace(
         parallel_config=ParallelConfig(
-            tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp
+            tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
+            enable_expert_parallel=ep,
         ),
         model_config=SimpleNamespace(hf_config=hf, enforce_eager=eager),
         compilation_config=compilation,
@@ -196,7 +197,7 @@ VALIDATE_ERRORS = [
     ("flashcomm1-env", {ENV_PARALLEL_SIZE: "1", "VLLM_ASCEND_ENABLE_FLASHCOMM1": "1"}, None,
      dict(), f"{ENV_PARALLEL_SIZE}='1' is invalid: " + SHARDED_RULE % repr("1")),
     ("shared-expert-dp", {ENV_PARALLEL_SIZE: "1"}, None,
-     dict(additional={"enable_shared_expert_dp": True}),
+     dict(additional={"enable_shared_expert_dp": True}, ep=True),
      f"{ENV_PARALLEL_SIZE}='1' is invalid: FlashComm2 returns full (not token-sharded) "
      'hidden states, but additional_config["enable_shared_expert_dp"]=True makes the layers '
      "around o_proj expect token-sharded ones (FlashComm1 / sequence parallelism); turn that "
@@ -243,7 +244,10 @@ VALIDATE_OK = [
     ("oshared-enforce-eager", {ENV_PARALLEL_SIZE: "1", ENV_OSHARED: "1"}, None,
      dict(graphs="PIECEWISE", eager=True)),
     ("flashcomm1-off-words", {ENV_PARALLEL_SIZE: "1", "VLLM_ASCEND_ENABLE_FLASHCOMM1": "0"},
-     None, dict(additional={"enable_shared_expert_dp": False})),
+     None, dict(additional={"enable_shared_expert_dp": False}, ep=True)),
+    # vllm-ascend ignores shared_expert_dp without expert parallelism.
+    ("shared-expert-dp-without-ep", {ENV_PARALLEL_SIZE: "1"}, None,
+     dict(additional={"enable_shared_expert_dp": True})),
 ]
 
 

@@ -305,7 +305,12 @@ def token_sharded_settings(env: Mapping[str, str], vllm_config: Any) -> list[str
     if _truthy(env.get(ENV_ASCEND_FLASHCOMM1, "")):
         found.append(f"{ENV_ASCEND_FLASHCOMM1}={env[ENV_ASCEND_FLASHCOMM1]!r}")
     additional = getattr(vllm_config, "additional_config", None) or {}
+    # vllm-ascend honours shared_expert_dp only with expert parallelism (and TP > 1).
+    ep = bool(getattr(getattr(vllm_config, "parallel_config", None),
+                      "enable_expert_parallel", False))
     for key in TOKEN_SHARDED_ADDITIONAL_CONFIG:
+        if key == "enable_shared_expert_dp" and not ep:
+            continue
         if isinstance(additional, Mapping) and _truthy(additional.get(key, False)):
             found.append(f"{_ac(key)}={additional[key]!r}")
     from vllm_ascend_ext.compat import sequence_parallel_pass_setting
