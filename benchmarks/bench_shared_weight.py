@@ -34,6 +34,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from dist_utils import run_distributed  # noqa: E402
 
+from vllm_ascend_ext.cpu_attention import cpu_model_name  # noqa: E402
+
 UPSTREAM_HOOK_US = (240, 335)
 
 
@@ -313,16 +315,6 @@ def _table(res) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="results/bench_shared_weight.json")
@@ -343,7 +335,7 @@ def main() -> None:
     t0 = time.perf_counter()
     per_rank = run_distributed(_worker, 2, args, timeout=600)
     res = {
-        "machine": f"{os.cpu_count()}-core {platform.machine()} CPU ({_cpu_model()})",
+        "machine": f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu_model_name()})",
         "backend": "gloo",
         "args": vars(args),
         "upstream_hook_us_reference": list(UPSTREAM_HOOK_US),

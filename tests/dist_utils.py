@@ -27,6 +27,8 @@ from __future__ import annotations
 import os
 import queue as queue_mod
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from typing import Any, Callable
@@ -201,3 +203,11 @@ def run_distributed(
                 p.join()
         results.close()
     return [collected[r][1] for r in range(world_size)]
+
+
+def load_vllm_plugins_in_fresh_process(prelude: str = "") -> subprocess.CompletedProcess:
+    """vLLM's own plugin loader in a clean interpreter, after ``prelude``
+    (Python source run first); returns the finished process."""
+    code = prelude + "\nfrom vllm.plugins import load_general_plugins\nload_general_plugins()\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)

@@ -9,8 +9,6 @@ vllm-ascend.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -79,15 +77,10 @@ def test_the_plugin_refuses_to_load_next_to_it(tmp_path):
     """vLLM's own plugin loader, in a fresh process that sees the v0.23.0
     metadata on its path: start-up fails with the conflict, before the vLLM
     version check (v0.23 images carry vLLM 0.23, out of range too)."""
+    from tests.dist_utils import load_vllm_plugins_in_fresh_process
+
     site = _site(tmp_path, "0.23.0")
-    code = (
-        "import sys\n"
-        f"sys.path.insert(0, {str(site)!r})\n"
-        "from vllm.plugins import load_general_plugins\n"
-        "load_general_plugins()\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
+    out = load_vllm_plugins_in_fresh_process(f"import sys\nsys.path.insert(0, {str(site)!r})")
     assert out.returncode != 0
     assert "ConflictingFlashComm2" in out.stderr
     assert "vllm-ascend 0.23.0 has its own FlashComm2 and layer sharding" in out.stderr

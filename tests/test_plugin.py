@@ -52,14 +52,9 @@ def test_version_check_is_a_range(version, ok):
 def test_plugin_refuses_an_out_of_range_vllm_in_vllms_own_loader(tmp_path):
     """The real ``vllm`` package reports another version: vLLM's plugin loader
     must fail with our message, not load the plugin."""
-    code = (
-        "import vllm\n"
-        "vllm.__version__ = '0.24.0'\n"
-        "from vllm.plugins import load_general_plugins\n"
-        "load_general_plugins()\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
+    from tests.dist_utils import load_vllm_plugins_in_fresh_process
+
+    out = load_vllm_plugins_in_fresh_process("import vllm\nvllm.__version__ = '0.24.0'")
     assert out.returncode != 0
     assert "supports vLLM >=0.25.1,<0.33" in out.stderr
     assert "but vLLM 0.24.0 is installed" in out.stderr
