@@ -32,9 +32,10 @@ def vllm_release() -> tuple[int, int, int]:
 # - vLLM >= 0.32: the method honours ``layer._cpu_skip_gemm_dispatch = True``
 #   (vLLM's own escape hatch for MLA's kv_b_proj): ``cpu_linear = F.linear``,
 #   weight untouched.
-# - vLLM 0.25.1 .. 0.31: no such flag (absent in 0.27.1); the method always
-#   packs. The shim replaces that one post-load step with what 0.32 does for
-#   the flag. Other quant methods are left alone.
+# - vLLM 0.25.1 .. 0.31: no such flag (read absent in 0.27.1; 0.28-0.31 not
+#   read, so they get this shim too, which is right whether or not they have
+#   the flag); the method always packs. The shim replaces that one post-load
+#   step with what 0.32 does for the flag. Other quant methods are left alone.
 FIRST_VLLM_WITH_CPU_SKIP_GEMM_DISPATCH = (0, 32, 0)
 
 
