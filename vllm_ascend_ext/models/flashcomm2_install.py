@@ -192,6 +192,8 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
     replaced: dict[str, weakref.ref] = {}
     sites = list(_o_proj_sites(model, hf_config.num_hidden_layers))
     while sites:
+        # Popped, not iterated: each old o_proj is freed as soon as it is
+        # replaced, and none is still held when check_no_stale_o_proj runs.
         name, layer_idx, old = sites.pop(0)
         new = FlashComm2RowParallelLinear(
             input_size=old.input_size,
