@@ -43,3 +43,30 @@ def test_served_mla_model_states_its_backend(tiny_model, monkeypatch, amx):
     assert bf16[bf16.index("--attention-backend") + 1] == (AMX_MLA if amx else CPU_MLA)
     qwen = VllmServer(model=str(tiny_model("Qwen3ForCausalLM")), tp=2).command()
     assert "--attention-backend" not in qwen
+
+
+def test_a_speculative_draft_gets_the_same_backend():
+    """vLLM resets a draft's backend to the speculative config's own
+    (vLLM 0.32 ``_create_draft_vllm_config``), so it is stated there too."""
+    from vllm_ascend_ext.cpu_attention import draft_speculative_config
+
+    mtp = {"method": "deepseek_mtp", "num_speculative_tokens": 1}
+    assert draft_speculative_config(mtp, CPU_MLA) == {**mtp, "attention_backend": CPU_MLA}
+    assert draft_speculative_config(mtp, None) == mtp  # non-MLA: nothing to state
+    assert draft_speculative_config(None, CPU_MLA) is None
+    # A backend the user put there wins.
+    own = {**mtp, "attention_backend": "AMX_MLA"}
+    assert draft_speculative_config(own, CPU_MLA) == own
+
+
+def test_served_speculative_config_states_the_draft_backend(tiny_model):
+    import json
+
+    ds = str(tiny_model("DeepseekV3ForCausalLM"))
+    cmd = VllmServer(model=ds, tp=2, speculative_config={
+        "method": "deepseek_mtp", "num_speculative_tokens": 2}).command()
+    spec = json.loads(cmd[cmd.index("--speculative-config") + 1])
+    assert spec == {"method": "deepseek_mtp", "num_speculative_tokens": 2,
+                    "attention_backend": CPU_MLA}
+    assert "--disable-log-stats" in cmd
+    assert "--disable-log-stats" not in VllmServer(model=ds, log_stats=True).command()

@@ -374,6 +374,110 @@ def _case_custom_quant(rank, group):
     return out
 
 
+class _NpuFormatStandIn:
+    """torch_npu's format bookkeeping, played on CPU (a collaborator stand-in):
+    a tensor's format belongs to its storage, and an NZ (29) storage is padded
+    to 16 x 16 blocks, so its real size exceeds the logical elements."""
+
+    NZ, ND = 29, 2
+
+    def __init__(self):
+        self._nz_storages = []  # kept alive, so no address is reused
+
+    def format_cast_nz(self, t):
+        """What ``torch_npu.npu_format_cast(t, 29)`` returns: same values, NZ storage."""
+        rows, cols = t.shape
+        padded = torch.zeros(-(-rows // 16) * 16 * (-(-cols // 16) * 16), dtype=t.dtype)
+        out = padded[: rows * cols].view(rows, cols)
+        out.copy_(t)
+        self._nz_storages.append(padded.untyped_storage())
+        return out
+
+    def get_npu_format(self, t):
+        ptr = t.untyped_storage().data_ptr()
+        return self.NZ if any(s.data_ptr() == ptr for s in self._nz_storages) else self.ND
+
+    def empty_like(self, t):
+        """``torch.empty_like`` on NPU keeps a non-base format (empty_like_npu)."""
+        out = torch.empty_like(t)
+        return self.format_cast_nz(out) if self.get_npu_format(t) == self.NZ else out
+
+
+def _nz_int8_method_cls(formats):
+    from torch.nn import Parameter
+
+    base = _transposed_int8_method_cls()
+
+    class NzInt8Method(base):
+        """Post-load like vllm-ascend's W8A8: int8 weight cast to NZ, scale plain."""
+
+        def process_weights_after_loading(self, layer):
+            w = layer.weight.data
+            scale = w.abs().amax(dim=1) / 127
+            q = torch.round(w / scale[:, None]).to(torch.int8)
+            layer.weight = Parameter(formats.format_cast_nz(q), requires_grad=False)
+            layer.register_buffer("weight_scale", scale.to(torch.float32))
+
+        def apply(self, layer, x, bias=None):
+            y = (x @ layer.weight.to(x.dtype).t()) * layer.weight_scale
+            return y if bias is None else y + bias
+
+    return NzInt8Method
+
+
+def _case_storage_format(rank, group):
+    """Contract 4: a processed NZ weight in a ring slot keeps its format and
+    its real (padded) storage size with the Ascend slot format; today's byte
+    views (the CPU/CUDA format) would hold it as ND."""
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    from vllm_ascend_ext.ops.slot_storage import NpuStorageFormat, PackedBytes
+
+    out = {}
+    for fmt_name in ("npu-storage-format", "packed-bytes"):
+        formats = _NpuFormatStandIn()
+        slot_format = (NpuStorageFormat(npu_format=formats.get_npu_format,
+                                        empty_like=formats.empty_like)
+                       if fmt_name == "npu-storage-format" else PackedBytes())
+        start, L, k = 3, 5, 2
+        layers = []
+        for i in range(start, start + L):
+            layer = _make_linear(i, cls=RowParallelLinear, bias=False)
+            del layer.weight
+            layer.quant_method = _nz_int8_method_cls(formats)()
+            layer.quant_method.create_weights(layer, IN, [OUT], IN, OUT, torch.float32,
+                                              weight_loader=layer.weight_loader)
+            layers.append(layer)
+        series = SharedWeightSeries(f"nz-{fmt_name}", group, k, slot_format=slot_format)
+        for layer in layers:
+            series.add_layer(layer)
+        _load(layers)
+        _post_load(layers)
+        formats_at_use, exact = [], True
+        for _ in range(3):
+            for p, layer in enumerate(layers):
+                x = _input(p)
+                series.wait(p, x)
+                formats_at_use.append(formats.get_npu_format(layer.weight))
+                q, scale, _ = _transposed_int8_reference(start + p, x)
+                exact &= torch.equal(layer.weight, q.t()) and torch.equal(
+                    layer.weight_scale, scale)
+                y = layer.quant_method.apply(layer, x)
+                series.prefetch_after(p, y)
+                exact &= torch.equal(y, _transposed_int8_reference(start + p, x)[2])
+        rep = series.memory_report()
+        out[fmt_name] = {
+            "exact": bool(exact), "formats_at_use": sorted(set(formats_at_use)),
+            "layouts": [(lay.name, lay.storage_format, lay.span_bytes)
+                        for lay in series._layouts],
+            "per_layer_bytes": rep.per_layer_bytes, "resident_bytes": rep.resident_bytes,
+            "owned": rep.owned_layers, "slots": rep.slots,
+            "measured": _storage_bytes(layers)[1],
+        }
+        series.close()
+    return out
+
+
 def _case_cpu_unquantized(rank, group):
     import torch.nn.functional as F
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
@@ -668,6 +772,7 @@ def _two_rank_worker(rank, n):
     with set_current_vllm_config(VllmConfig()):
         group = get_tp_group()
         out["custom_quant"] = _case_custom_quant(rank, group)
+        out["storage_format"] = _case_storage_format(rank, group)
         out["cpu_unquantized"] = _case_cpu_unquantized(rank, group)
         out["module_functions"] = _case_module_functions(rank, group)
         out["skip_bias_add"] = _case_skip_bias_add(rank, group)
@@ -691,6 +796,23 @@ def test_custom_quant_method_transposed_new_parameter(two_rank):
         ]
     # positions 7..11 over 2 ranks: rank 1 owns 7, 9, 11; rank 0 owns 8, 10
     assert [r["custom_quant"]["report"].owned_layers for r in two_rank] == [2, 3]
+
+
+def test_ring_slots_keep_the_npu_storage_format(two_rank):
+    """docs/ascend.md contract 4: the Ascend slot format holds the NZ weight
+    in NZ at its padded size (int8 [8, 16] -> 16 x 16 = 256 bytes), the scale
+    as it is; the byte-view format would hand the matmul an ND tensor."""
+    for res in two_rank:
+        npu, packed = res["storage_format"]["npu-storage-format"], res["storage_format"]["packed-bytes"]
+        assert npu["exact"] and packed["exact"]  # same values either way ...
+        assert npu["formats_at_use"] == [29]  # ... but only this keeps the format
+        assert packed["formats_at_use"] == [2]
+        assert npu["layouts"] == [("weight", 29, 256), ("weight_scale", 2, OUT * 4)]
+        assert npu["per_layer_bytes"] == 256 + OUT * 4
+        assert npu["resident_bytes"] == (npu["owned"] + npu["slots"]) * npu["per_layer_bytes"]
+        assert npu["measured"] == npu["resident_bytes"]  # real storage, read back
+        # logical strides only: the NZ padding is missed
+        assert packed["layouts"][0][2] == OUT * IN
 
 
 def test_cpu_unquantized_path(two_rank):

@@ -41,6 +41,12 @@ def test_deepseek_v3_has_an_mtp_layer(tiny_model):
         assert mtp + name in keys
     # Real hub layout: per-expert tensors, not transformers' fused in-memory form.
     assert "model.layers.1.mlp.experts.0.gate_proj.weight" in keys
+    assert mtp + "mlp.experts.7.down_proj.weight" in keys
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        # The fitted MTP layer reads the target's own head (tiny_models/mtp.py).
+        assert f.get_tensor(mtp + "shared_head.head.weight").equal(f.get_tensor("lm_head.weight"))
+        assert f.get_tensor(mtp + "shared_head.norm.weight").equal(
+            f.get_tensor("model.norm.weight"))
 
 
 def test_tokenizer_and_chat_template(tiny_model):

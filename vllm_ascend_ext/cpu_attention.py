@@ -91,3 +91,20 @@ def cpu_attention_backend(model_dir: str | Path, dtype: str) -> str | None:
     """The backend to request for ``model_dir`` at ``dtype``, or None when the
     model has no choice to make (non-MLA)."""
     return mla_backend(dtype) if is_mla_checkpoint(model_dir) else None
+
+
+def draft_speculative_config(speculative_config: dict | None,
+                             backend: str | None) -> dict | None:
+    """``speculative_config`` with the draft's attention backend stated too.
+
+    vLLM builds a draft model (DeepSeek's MTP layer, EAGLE heads) with a copy
+    of the engine config whose attention backend is reset to the speculative
+    config's own ``attention_backend`` (``_create_draft_vllm_config`` in
+    ``vllm/v1/spec_decode/llm_base_proposer.py``, vLLM 0.32: the draft
+    "never inherits" it). Left unset, the draft picks its backend from the CPU
+    model again, and an fp32 MTP draft dies on an AMX CPU. A backend the
+    caller already put in the speculative config wins.
+    """
+    if speculative_config is None or backend is None:
+        return speculative_config
+    return {"attention_backend": backend, **speculative_config}

@@ -7,6 +7,7 @@ with the FlashComm2 flags passed as environment variables.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -54,6 +55,10 @@ class VllmServer:
     dtype: str = "float32"
     env: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
+    # ``--speculative-config``; its draft gets the target's stated backend.
+    speculative_config: dict | None = None
+    # Keep vLLM's stat loggers (Prometheus counters on /metrics) running.
+    log_stats: bool = False
     port: int = 0
     startup_timeout: float = 600.0
     log_path: Path | None = None
@@ -66,10 +71,12 @@ class VllmServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        from vllm_ascend_ext.cpu_attention import cpu_attention_backend
+        from vllm_ascend_ext.cpu_attention import cpu_attention_backend, draft_speculative_config
 
-        # The MLA backend follows the dtype, never the CPU the run lands on.
+        # The MLA backend follows the dtype, never the CPU the run lands on,
+        # for the target and for a speculative draft alike.
         backend = cpu_attention_backend(self.model, self.dtype)
+        spec = draft_speculative_config(self.speculative_config, backend)
         return [
             vllm_cli(), "serve", self.model,
             "--host", "127.0.0.1", "--port", str(self.port),
@@ -77,8 +84,10 @@ class VllmServer:
             "--pipeline-parallel-size", str(self.pp),
             "--data-parallel-size", str(self.dp),
             "--dtype", self.dtype, "--max-model-len", "512", "--max-num-seqs", "32",
-            "--enforce-eager", "--disable-log-stats",
+            "--enforce-eager",
+            *([] if self.log_stats else ["--disable-log-stats"]),
             *(["--attention-backend", backend] if backend else []),
+            *(["--speculative-config", json.dumps(spec)] if spec else []),
             *self.extra_args,
         ]
 

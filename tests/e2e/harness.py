@@ -57,32 +57,55 @@ class EngineResult:
     outputs: list[dict]
     rpc: dict
     log: str
+    # vLLM's ``vllm:spec_decode_*`` counters, without the prefix (num_drafts,
+    # num_draft_tokens, num_accepted_tokens, num_accepted_tokens_per_pos).
+    spec_decode: dict | None = None
+
+
+# Test-only vLLM plugins, each loaded in every engine and worker process when
+# its folder is on PYTHONPATH (vLLM's ``vllm.general_plugins`` entry point).
+PRETEND_AMX_PLUGIN = HERE / "cpu_kind_emulation"
+ASCEND_MLA_PLUGIN = HERE / "ascend_emulation"
+
+
+def with_plugin(env: dict[str, str] | None, folder: Path) -> dict[str, str]:
+    """``env`` with a test-only plugin folder put on PYTHONPATH."""
+    env = dict(env or {})
+    path = [str(folder), env.get("PYTHONPATH") or os.environ.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+    return env
 
 
 def run_vllm(model: str | Path, prompts: list[list[int]], *, tp: int = 1, pp: int = 1,
              env: dict[str, str] | None = None, max_tokens: int = 8, num_logprobs: int = 5,
              enforce_eager: bool = True, dtype: str = "float32", pretend_amx: bool = False,
-             llm_kwargs: dict | None = None,
+             llm_kwargs: dict | None = None, spec_decode_metrics: bool = False,
+             draft_backend_unstated: bool = False,
              collective_rpc: list[str] | None = None, timeout: int = 600) -> EngineResult:
     """Run one offline engine in a fresh process; return its logprobs.
 
-    ``pretend_amx`` makes vLLM believe the CPU has AMX tiles (single-process
-    engines only, tp * pp == 1): the AMX machine's backend selection on any CPU.
+    ``pretend_amx`` makes vLLM believe the CPU has AMX tiles, in the engine
+    and in every worker: the AMX machine's backend selection on any CPU.
+    A ``speculative_config`` in ``llm_kwargs`` gets the engine's stated
+    attention backend for its draft too, unless ``draft_backend_unstated``
+    (the vLLM default, kept to show what it does). ``spec_decode_metrics``
+    reads vLLM's speculative-decoding counters after the run.
     """
-    if pretend_amx and tp * pp != 1:
-        raise ValueError("pretend_amx patches the engine process only; use tp=pp=1")
     world = tp * pp
     spec = {
         "model": str(model), "tp": tp, "pp": pp, "prompts": prompts,
         "max_tokens": max_tokens, "num_logprobs": num_logprobs,
         "enforce_eager": enforce_eager, "dtype": dtype, "llm_kwargs": llm_kwargs or {},
-        "pretend_amx": pretend_amx,
+        "spec_decode_metrics": spec_decode_metrics,
+        "draft_backend_unstated": draft_backend_unstated,
         "collective_rpc": collective_rpc or [],
         "env": {},
     }
     proc_env = {k: v for k, v in os.environ.items() if k not in _FEATURE_ENV}
     proc_env.update(base_env(world))
     proc_env.update(env or {})
+    if pretend_amx:
+        proc_env.update(with_plugin(proc_env, PRETEND_AMX_PLUGIN))
     with tempfile.TemporaryDirectory() as td:
         spec_path, out_path = Path(td) / "spec.json", Path(td) / "out.json"
         spec_path.write_text(json.dumps(spec))
@@ -98,7 +121,8 @@ def run_vllm(model: str | Path, prompts: list[list[int]], *, tp: int = 1, pp: in
                 + root_cause(log)
             )
         data = json.loads(out_path.read_text())
-    return EngineResult(outputs=data["outputs"], rpc=data.get("rpc", {}), log=log)
+    return EngineResult(outputs=data["outputs"], rpc=data.get("rpc", {}), log=log,
+                        spec_decode=data.get("spec_decode"))
 
 
 def root_cause(log: str, limit: int = 8000) -> str:

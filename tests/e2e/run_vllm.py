@@ -17,15 +17,24 @@ def _top(logprobs_entry) -> dict[str, float]:
     return {str(tok): float(lp.logprob) for tok, lp in logprobs_entry.items()}
 
 
+def _spec_decode_counters(llm) -> dict:
+    """vLLM's own speculative-decoding counters (``vllm:spec_decode_*``):
+    drafts, draft tokens, accepted tokens, and accepted tokens per position."""
+    counters: dict = {}
+    for metric in llm.get_metrics():
+        if not metric.name.startswith("vllm:spec_decode_"):
+            continue
+        name = metric.name.removeprefix("vllm:spec_decode_")
+        if hasattr(metric, "values"):  # the per-position vector
+            counters[name] = [int(v) for v in metric.values]
+        else:
+            counters[name] = int(metric.value)
+    return counters
+
+
 def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     os.environ.update({k: str(v) for k, v in spec.get("env", {}).items()})
-    if spec.get("pretend_amx"):
-        import torch
-
-        # vLLM's CPU platform asks this very function which MLA backend to take.
-        torch.cpu._is_amx_tile_supported = lambda: True
-
     from vllm import LLM, SamplingParams
 
     llm_kwargs = dict(
@@ -39,13 +48,19 @@ def main(spec_path: str, out_path: str) -> None:
         seed=0,
         distributed_executor_backend="mp" if spec.get("tp", 1) * spec.get("pp", 1) > 1 else None,
     )
-    from vllm_ascend_ext.cpu_attention import cpu_attention_backend
+    from vllm_ascend_ext.cpu_attention import cpu_attention_backend, draft_speculative_config
 
-    # Stated, never picked by vLLM from the CPU model (AMX_MLA takes no fp32).
+    # Stated, never picked by vLLM from the CPU model (AMX_MLA takes no fp32),
+    # for the target model and for a speculative draft alike.
     backend = cpu_attention_backend(spec["model"], llm_kwargs["dtype"])
     if backend:
         llm_kwargs["attention_backend"] = backend
     llm_kwargs.update(spec.get("llm_kwargs", {}))
+    if "speculative_config" in llm_kwargs and not spec.get("draft_backend_unstated"):
+        llm_kwargs["speculative_config"] = draft_speculative_config(
+            llm_kwargs["speculative_config"], backend)
+    if spec.get("spec_decode_metrics"):
+        llm_kwargs["disable_log_stats"] = False  # the engine's metrics feed get_metrics()
     llm = LLM(**llm_kwargs)
     params = SamplingParams(
         temperature=0.0,
@@ -66,6 +81,8 @@ def main(spec_path: str, out_path: str) -> None:
             "token_ids": list(comp.token_ids),
             "logprobs": [_top(e) for e in comp.logprobs],
         })
+    if spec.get("spec_decode_metrics"):
+        result["spec_decode"] = _spec_decode_counters(llm)
     for rpc in spec.get("collective_rpc", []):
         # "package.module:function" runs that function on every worker.
         target = rpc

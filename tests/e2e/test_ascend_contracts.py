@@ -11,23 +11,20 @@ FlashComm2 + o_shared ran garbage on Ascend without an error.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from tests.e2e.harness import (
+    ASCEND_MLA_PLUGIN,
     MEMORY_RPC,
     assert_greedy_close,
     assert_prompt_logprobs_close,
     flashcomm2_flags,
+    with_plugin,
 )
 
 ARCH = "DeepseekV3ForCausalLM"
-EMULATION = Path(__file__).resolve().parent / "ascend_emulation"
 
 
 def _ascend_mla_env(**flags: str) -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(EMULATION), os.environ.get("PYTHONPATH")) if p)
-    return {"PYTHONPATH": path, **flags}
+    return with_plugin(flags, ASCEND_MLA_PLUGIN)
 
 
 def test_mla_impl_private_o_proj_follows_the_swap(engines):

@@ -50,7 +50,15 @@ def oproj_memory(worker) -> dict:
             impl_classes.append(type(held).__name__)
             impl_stale += id(held) not in live
     series = getattr(getattr(model, "flashcomm2", None), "series", None)
+    # A speculative draft (DeepSeek's MTP layer) is a model of its own, built
+    # by vLLM's proposer: it must keep vLLM's o_proj and stay out of the series.
+    draft = getattr(getattr(worker.model_runner, "drafter", None), "model", None)
+    draft_classes = sorted({type(m).__name__ for name, m in draft.named_modules()
+                            if name.endswith("o_proj")}) if draft is not None else []
     return {
+        "draft_model_class": None if draft is None else type(draft).__name__,
+        "draft_o_proj_classes": draft_classes,
+        "series_layers": None if series is None else series.layer_indices,
         "impl_o_proj_classes": sorted(set(impl_classes)),
         "impl_o_proj_count": len(impl_classes),
         "impl_o_proj_stale": impl_stale,

@@ -51,6 +51,7 @@ from vllm_ascend_ext.distributed.communication import (
     all_to_all_dim0,
     reduce_scatter_dim0,
 )
+from vllm_ascend_ext.ops.ascend_linear import platform_linear_method
 from vllm_ascend_ext.ops.quant_terms import apply_linear
 
 __all__ = [
@@ -250,6 +251,8 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
             tp_rank=j,
             tp_size=k,
         )
+        # On Ascend: vllm-ascend's unquantized method, as AscendRowParallelLinear has.
+        self.quant_method = platform_linear_method(self.quant_method)
         # RowParallelLinear's attributes, with the OTP group as "TP".
         self.input_size_per_partition = input_size // k
         self.output_size_per_partition = output_size

@@ -32,15 +32,15 @@ What the ring holds
     tensor and the layer uses ``F.linear``); any other method that leaves an
     empty weight is rejected with :class:`SharedWeightError`.
 
-Packing
-    A layer's processed state is packed into ONE flat ``uint8`` buffer; each
-    tensor is an ``as_strided`` view of it with its exact dtype, shape,
-    stride and storage span (transposed or padded layouts survive).  One
-    prefetch is therefore one broadcast.  Owned layers live permanently in
-    their own packed buffer; non-owned layers' parameters are permanently
-    bound to views of their ring slot, so parameter objects never change
-    identity or metadata (torch.compile sees stable tensors) and broadcasts
-    only mutate contents.
+Buffers (``slot_storage.py``)
+    How one processed layer is held is the platform's business: on CPU/CUDA
+    its tensors are typed ``as_strided`` views of ONE flat ``uint8`` buffer
+    (one broadcast per layer; transposed or padded layouts survive); on
+    Ascend each tensor gets a buffer in its own storage format (NZ included)
+    at its real storage size.  Owned layers live permanently in their own
+    buffer; non-owned layers' parameters are permanently bound to their ring
+    slot's tensors, so parameter objects never change identity or metadata
+    (torch.compile sees stable tensors) and broadcasts only mutate contents.
 
 Ring (prefetch step ``k``)
     ``k`` buffers, not ``k + 1``: position ``p`` uses slot ``p % k``.  Right
@@ -82,10 +82,20 @@ import torch.distributed as dist
 from torch import nn
 
 from vllm_ascend_ext.logger import init_logger
+from vllm_ascend_ext.ops.slot_storage import (
+    PACK_ALIGN,
+    SlotBuffer,
+    SlotFormat,
+    SlotFormatError,
+    TensorLayout,
+    round_up,
+    slot_format_for,
+)
 
 logger = init_logger(__name__)
 
 __all__ = [
+    "PACK_ALIGN",
     "SharedWeightError",
     "SharedWeightMemoryReport",
     "SharedWeightRegistry",
@@ -99,9 +109,6 @@ __all__ = [
     "shared_weight_registry",
     "slot_of_position",
 ]
-
-#: Byte alignment of every tensor inside a packed buffer.
-PACK_ALIGN = 64
 
 _BYTE_DTYPE = torch.uint8
 
@@ -140,41 +147,9 @@ def next_prefetch_position(
     return nxt if nxt < num_layers else position % prefetch_step
 
 
-def _round_up(x: int, align: int = PACK_ALIGN) -> int:
-    return (x + align - 1) // align * align
-
-
-def _span_elements(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
-    """Number of storage elements a strided tensor touches (first to last)."""
-    if any(s == 0 for s in shape):
-        return 0
-    return 1 + sum((s - 1) * st for s, st in zip(shape, stride))
-
-
 # --------------------------------------------------------------------------
 # layouts and reports
 # --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorLayout:
-    """One post-processed tensor of a layer and where it lives in a packed buffer."""
-
-    name: str
-    kind: str  # "param" or "buffer"
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int  # byte offset in the packed buffer (PACK_ALIGN-aligned)
-    span_bytes: int  # bytes of storage the view spans
-
-    def signature(self) -> tuple:
-        return (self.name, self.kind, self.dtype, self.shape, self.stride)
-
-    def view_of(self, flat: torch.Tensor) -> torch.Tensor:
-        """Typed strided view of this tensor inside the packed ``flat`` buffer."""
-        typed = flat[self.offset : self.offset + self.span_bytes].view(self.dtype)
-        return typed.as_strided(self.shape, self.stride)
 
 
 @dataclass(frozen=True)
@@ -184,7 +159,7 @@ class SharedWeightMemoryReport:
     num_layers: int
     world_size: int
     prefetch_step: int
-    per_layer_bytes: int  # one packed layer (= one slot)
+    per_layer_bytes: int  # one layer's buffer (= one slot), real storage bytes
     owned_layers: int
     slots: int  # ring buffers allocated on this rank
     resident_bytes: int  # owned packed layers + allocated slots
@@ -342,6 +317,7 @@ class SharedWeightSeries:
         prefetch_step: int = 1,
         *,
         registry: SharedWeightRegistry | None = None,
+        slot_format: SlotFormat | None = None,
     ) -> None:
         if not isinstance(prefetch_step, int) or prefetch_step < 0:
             raise SharedWeightError(
@@ -361,9 +337,12 @@ class SharedWeightSeries:
         self.start_layer: int | None = None
         self.num_layers = 0
         self._layouts: tuple[TensorLayout, ...] = ()
+        # How a processed layer is held: chosen from its device at finalisation
+        # (slot_storage.slot_format_for) unless given.
+        self.slot_format: SlotFormat | None = slot_format
         self.per_layer_bytes = 0
-        self._resident: dict[int, torch.Tensor] = {}  # position -> packed buffer
-        self._slots: dict[int, torch.Tensor] = {}  # slot -> buffer (used slots only)
+        self._resident: dict[int, SlotBuffer] = {}  # position -> its own buffer
+        self._slots: dict[int, SlotBuffer] = {}  # slot -> buffer (used slots only)
         self._num_slot_records = 0
         self._slot_position: list[int] = []  # rank-independent: what each slot holds
         self._slot_work: list[Any] = []
@@ -383,6 +362,11 @@ class SharedWeightSeries:
     def layers(self) -> list[nn.Module]:
         """Members in position order (registration order before finalisation)."""
         return [m.layer for m in self._members]
+
+    @property
+    def layer_indices(self) -> list[int]:
+        """The members' model layer indices, in position order once finalised."""
+        return [m.layer_idx for m in self._members]
 
     def owner_of_layer_idx(self, layer_idx: int) -> int:
         """Group rank that owns (stores and broadcasts) layer ``layer_idx``."""
@@ -578,13 +562,16 @@ class SharedWeightSeries:
         self._slot_work = [None] * self._num_slot_records
         for p, m in enumerate(members):
             state = self._materialise(m)
-            layouts = self._layouts_of(state)
+            if self.slot_format is None:
+                self.slot_format = slot_format_for(state)
+            try:
+                layouts = self.slot_format.plan(state)
+            except SlotFormatError as e:
+                raise SharedWeightError(f"layer {_layer_name(m.layer)!r}: {e}") from e
             if p == 0:
                 self._layouts = layouts
-                self.per_layer_bytes = _round_up(
-                    sum(_round_up(lay.span_bytes) for lay in layouts) or PACK_ALIGN
-                )
-                self._allocate_slots(state[0][2].device)
+                self.per_layer_bytes = self.slot_format.buffer_bytes(layouts, state)
+                self._allocate_slots(state)
             elif [lay.signature() for lay in layouts] != [
                 lay.signature() for lay in self._layouts
             ]:
@@ -662,41 +649,31 @@ class SharedWeightSeries:
             )
         return state
 
-    @staticmethod
-    def _layouts_of(state: list[tuple[str, str, torch.Tensor]]) -> tuple[TensorLayout, ...]:
-        out, offset = [], 0
-        for name, kind, t in state:
-            if any(s < 0 for s in t.stride()):
-                raise SharedWeightError(f"tensor {name!r} has a negative stride")
-            span = _span_elements(tuple(t.shape), tuple(t.stride())) * t.element_size()
-            out.append(TensorLayout(name, kind, t.dtype, tuple(t.shape),
-                                    tuple(t.stride()), offset, span))
-            offset += _round_up(max(span, 1))
-        return tuple(out)
-
     def _slots_needed(self) -> set[int]:
         k, L = self.prefetch_step, self.num_layers
         return {slot_of_position(p, k) for p in range(L) if not self.owns_position(p)}
 
-    def _allocate_slots(self, device: torch.device) -> None:
+    def _new_buffer(self, state: list[tuple[str, str, torch.Tensor]]) -> SlotBuffer:
+        try:
+            return self.slot_format.new_buffer(self._layouts, state)
+        except SlotFormatError as e:
+            raise SharedWeightError(f"series {self.name!r}: {e}") from e
+
+    def _allocate_slots(self, state: list[tuple[str, str, torch.Tensor]]) -> None:
         for s in sorted(self._slots_needed()):
-            self._slots[s] = torch.zeros(self.per_layer_bytes, dtype=_BYTE_DTYPE,
-                                         device=device)
+            self._slots[s] = self._new_buffer(state)
 
     def _bind(self, m: _Member, state: list[tuple[str, str, torch.Tensor]]) -> None:
         p, k = m.position, self.prefetch_step
         if self.owns_position(p):
-            flat = torch.zeros(self.per_layer_bytes, dtype=_BYTE_DTYPE,
-                               device=state[0][2].device)
-            self._resident[p] = flat
+            buf = self._resident[p] = self._new_buffer(state)
             fill = True
         else:
-            flat = self._slots[slot_of_position(p, k)]
+            buf = self._slots[slot_of_position(p, k)]
             fill = k > 0 and p < k  # the ring starts out holding positions 0..k-1
-        for lay, (name, kind, tensor) in zip(self._layouts, state):
-            view = lay.view_of(flat)
-            if fill:
-                view.copy_(tensor.detach())
+        if fill:
+            self.slot_format.fill(buf, state)
+        for view, (name, kind, _) in zip(buf.views, state):
             table = m.layer._parameters if kind == "param" else m.layer._buffers
             table[name].data = view
 
@@ -731,8 +708,8 @@ class SharedWeightSeries:
         self.num_broadcasts += 1
         owner = self.owner_of_position(position)
         buf = self._resident[position] if owner == self.rank_in_group else self._slots[slot]
-        return dist.broadcast(buf, src=self.group.ranks[owner],
-                              group=self.group.device_group, async_op=async_op)
+        return buf.broadcast(src=self.group.ranks[owner], group=self.group.device_group,
+                             async_op=async_op)
 
     def _wait_position(self, position: int) -> None:
         self._check_position(position)
@@ -791,8 +768,8 @@ class SharedWeightSeries:
         if not self._finalized:
             raise SharedWeightError(f"series {self.name!r} is not finalised")
         per, L, n = self.per_layer_bytes, self.num_layers, self.world_size
-        resident = sum(t.numel() * t.element_size() for t in self._resident.values())
-        resident += sum(t.numel() * t.element_size() for t in self._slots.values())
+        resident = sum(b.nbytes for b in self._resident.values())
+        resident += sum(b.nbytes for b in self._slots.values())
         return SharedWeightMemoryReport(
             num_layers=L, world_size=n, prefetch_step=self.prefetch_step,
             per_layer_bytes=per, owned_layers=len(self._resident),
@@ -832,7 +809,7 @@ def _broadcast_packed(
     offsets, total = [], 0
     for nb in sizes:
         offsets.append(total)
-        total += _round_up(max(nb, 1))
+        total += round_up(max(nb, 1))
     buf = torch.empty(total, dtype=_BYTE_DTYPE, device=tensors[0].device)
     if is_src:
         for t, off, nb in zip(tensors, offsets, sizes):

@@ -38,7 +38,7 @@ VOCAB_SIZE = 512
 NUM_HIDDEN_LAYERS = 5
 SEED = 1234
 # Bumped whenever the recipe changes, so cached checkpoints are rebuilt.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -53,8 +53,9 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system
 class TinySpec:
     architecture: str
     config_kwargs: dict[str, Any]
-    # Extra tensors that transformers does not create (DeepSeek's MTP layer).
-    add_extra_tensors: Callable[[dict, Any], None] | None = None
+    # Extra tensors that transformers does not create (DeepSeek's MTP layer):
+    # (saved state, saved config, the built model, output dir) -> None.
+    add_extra_tensors: Callable[[dict, Any, Any, Path], None] | None = None
     initializer_range: float = 0.1
 
 
@@ -88,23 +89,18 @@ _MLA = dict(
 _QWEN = dict(num_key_value_heads=4, head_dim=32, intermediate_size=512)
 
 
-def _deepseek_mtp_tensors(state: dict, config: Any) -> None:
+def _deepseek_mtp_tensors(state: dict, config: Any, model: Any, out_dir: Path) -> None:
     """Add the tensors of DeepSeek's multi-token-prediction layer.
 
     transformers has no MTP module, so the model is built with one extra
-    decoder layer (index ``num_hidden_layers``) and the MTP-only projections
-    are added here with vLLM's ``deepseek_mtp`` names.
+    decoder layer (index ``num_hidden_layers``); its tensors and the MTP-only
+    projections are fitted to the target's own greedy continuations
+    (``tiny_models/mtp.py``), so that speculative decoding accepts most drafts.
     """
-    import torch
+    from vllm_ascend_ext.tiny_models.mtp import fit_mtp_layer, fit_prompts
 
-    g = torch.Generator().manual_seed(SEED + 1)
-    i, h = config.num_hidden_layers, config.hidden_size
-    p = f"model.layers.{i}."
-    state[p + "enorm.weight"] = torch.ones(h)
-    state[p + "hnorm.weight"] = torch.ones(h)
-    state[p + "eh_proj.weight"] = torch.randn(h, 2 * h, generator=g) * 0.05
-    state[p + "shared_head.norm.weight"] = torch.ones(h)
-    state[p + "shared_head.head.weight"] = torch.randn(VOCAB_SIZE, h, generator=g) * 0.05
+    prompts = fit_prompts(str(out_dir / "tokenizer.json"))
+    state.update(fit_mtp_layer(model, config.num_hidden_layers, prompts))
 
 
 SPECS: dict[str, TinySpec] = {
@@ -219,6 +215,7 @@ def make_tiny_checkpoint(arch: str, out_dir: str | os.PathLike, *,
     if not force and marker.exists() and json.loads(marker.read_text()) == recipe:
         return out
     out.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(out)
     spec = SPECS[arch]
     config = build_config(arch, num_hidden_layers, hidden_size)
 
@@ -239,7 +236,7 @@ def make_tiny_checkpoint(arch: str, out_dir: str | os.PathLike, *,
         if len(shards) != 1:
             raise RuntimeError(f"expected one safetensors shard in {out}, got {shards}")
         state = load_file(str(shards[0]))
-        spec.add_extra_tensors(state, config)
+        spec.add_extra_tensors(state, config, model, out)
         save_file(state, str(shards[0]), metadata={"format": "pt"})
 
     # The saved config must describe the main model, not the MTP-extended build.
@@ -251,7 +248,6 @@ def make_tiny_checkpoint(arch: str, out_dir: str | os.PathLike, *,
     cfg_path.write_text(json.dumps(cfg_json, indent=2, sort_keys=True))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}, indent=2))
-    write_tokenizer(out)
     marker.write_text(json.dumps(recipe))
     return out
 
