@@ -74,3 +74,34 @@ def test_rebuild_is_deterministic_and_cached(tmp_path):
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown tiny-model architecture 'llama'"):
         resolve_architecture("llama")
+
+
+@pytest.mark.parametrize("arch,quantized", [
+    ("Qwen3ForCausalLM", ("self_attn.o_proj", "self_attn.q_proj", "mlp.down_proj")),
+    ("DeepseekV3ForCausalLM", ("self_attn.o_proj",)),
+])
+def test_w8a8_checkpoint_is_compressed_tensors_int8(arch, quantized, tiny_model):
+    import torch
+
+    from vllm_ascend_ext.tiny_models.w8a8 import tiny_w8a8_checkpoint
+
+    src, path = tiny_model(arch), tiny_w8a8_checkpoint(arch)
+    qcfg = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "compressed-tensors"
+    group = qcfg["config_groups"]["group_0"]
+    assert group["weights"]["strategy"] == "channel" and group["weights"]["num_bits"] == 8
+    assert group["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": True,
+                                          "strategy": "token", "dynamic": True}
+    with safe_open(str(src / "model.safetensors"), "pt") as f_src, \
+            safe_open(str(path / "model.safetensors"), "pt") as f:
+        for mod in quantized:
+            name = f"model.layers.1.{mod}"
+            q, scale = f.get_tensor(name + ".weight"), f.get_tensor(name + ".weight_scale")
+            w = f_src.get_tensor(name + ".weight")
+            assert q.dtype == torch.int8 and scale.shape == (w.shape[0], 1)
+            # per-channel symmetric: the dequantized weight is within half a step
+            assert ((q.float() * scale - w).abs() <= scale / 2 + 1e-6).all()
+        assert f.get_tensor("lm_head.weight").dtype == torch.float32
+        if arch.startswith("Deepseek"):  # only o_proj is int8 there
+            assert f.get_tensor("model.layers.1.self_attn.kv_b_proj.weight").dtype == \
+                torch.float32

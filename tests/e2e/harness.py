@@ -78,14 +78,15 @@ def with_plugin(env: dict[str, str] | None, folder: Path) -> dict[str, str]:
 
 def run_vllm(model: str | Path, prompts: list[list[int]], *, tp: int = 1, pp: int = 1,
              env: dict[str, str] | None = None, max_tokens: int = 8, num_logprobs: int = 5,
-             enforce_eager: bool = True, dtype: str = "float32", pretend_amx: bool = False,
+             enforce_eager: bool = True, dtype: str = "float32", pretend_amx: bool | None = None,
              llm_kwargs: dict | None = None, spec_decode_metrics: bool = False,
              draft_backend_unstated: bool = False,
              collective_rpc: list[str] | None = None, timeout: int = 600) -> EngineResult:
     """Run one offline engine in a fresh process; return its logprobs.
 
-    ``pretend_amx`` makes vLLM believe the CPU has AMX tiles, in the engine
-    and in every worker: the AMX machine's backend selection on any CPU.
+    ``pretend_amx`` makes vLLM believe the CPU has AMX tiles (True) or has
+    none (False), in the engine and in every worker: the AMX machine's backend
+    selection on any CPU, or the non-AMX kernels on an AMX CPU.
     A ``speculative_config`` in ``llm_kwargs`` gets the engine's stated
     attention backend for its draft too, unless ``draft_backend_unstated``
     (the vLLM default, kept to show what it does). ``spec_decode_metrics``
@@ -104,8 +105,9 @@ def run_vllm(model: str | Path, prompts: list[list[int]], *, tp: int = 1, pp: in
     proc_env = {k: v for k, v in os.environ.items() if k not in _FEATURE_ENV}
     proc_env.update(base_env(world))
     proc_env.update(env or {})
-    if pretend_amx:
+    if pretend_amx is not None:
         proc_env.update(with_plugin(proc_env, PRETEND_AMX_PLUGIN))
+        proc_env["VLLM_ASCEND_EXT_TEST_AMX"] = "1" if pretend_amx else "0"
     with tempfile.TemporaryDirectory() as td:
         spec_path, out_path = Path(td) / "spec.json", Path(td) / "out.json"
         spec_path.write_text(json.dumps(spec))
@@ -284,13 +286,22 @@ class EngineCache:
         self._runs: dict = {}
 
     def run(self, arch: str, *, tp: int, env: dict | None = None, eager: bool = True,
-            pp: int = 1, dtype: str = "float32") -> EngineResult:
-        key = (arch, tp, pp, tuple(sorted((env or {}).items())), eager, dtype)
+            pp: int = 1, dtype: str = "float32", w8a8: bool = False,
+            pretend_amx: bool | None = None) -> EngineResult:
+        """``w8a8``: the arch's W8A8 checkpoint (``tiny_models/w8a8.py``)."""
+        key = (arch, tp, pp, tuple(sorted((env or {}).items())), eager, dtype, w8a8,
+               pretend_amx)
         skip_without_cpu_mla(arch)
         if key not in self._runs:
-            model = self._tiny_model(arch)
+            if w8a8:
+                from vllm_ascend_ext.tiny_models.w8a8 import tiny_w8a8_checkpoint
+
+                model = tiny_w8a8_checkpoint(arch)
+            else:
+                model = self._tiny_model(arch)
             self._runs[key] = run_vllm(model, make_prompts(model), tp=tp, pp=pp, env=env,
                                        enforce_eager=eager, dtype=dtype,
+                                       pretend_amx=pretend_amx,
                                        collective_rpc=[MEMORY_RPC])
         return self._runs[key]
 

@@ -51,7 +51,7 @@ def mtp_runs(tiny_model):
     cache: dict = {}
 
     def run(num_tokens: int, env: dict | None = None, *, tp: int = 2,
-            pretend_amx: bool = False):
+            pretend_amx: bool | None = None):
         key = (tp, num_tokens, tuple(sorted((env or {}).items())), pretend_amx)
         if key not in cache:
             cache[key] = run_vllm(

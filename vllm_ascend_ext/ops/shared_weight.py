@@ -455,6 +455,10 @@ class SharedWeightSeries:
             from vllm_ascend_ext.compat import keep_cpu_linear_weight_plain
 
             post_method = keep_cpu_linear_weight_plain(layer, post_method)
+            # W8A8 int8 without AMX: a plain int8 weight instead of a oneDNN handle.
+            from vllm_ascend_ext.ops.cpu_int8 import keep_int8_weight_plain
+
+            post_method = keep_int8_weight_plain(layer, post_method, name)
         member = _Member(layer, layer_idx, post_method, raw)
 
         if self.owner_of_layer_idx(layer_idx) != self.rank_in_group:

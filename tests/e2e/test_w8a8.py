@@ -1,0 +1,105 @@
+"""W8A8 checkpoints through vLLM's real quant methods, with FlashComm2 and o_shared.
+
+The checkpoints are compressed-tensors W8A8 (int8 per-channel weights, dynamic
+per-token int8 activations) written from the fp32 tiny models
+(``vllm_ascend_ext/tiny_models/w8a8.py``); vLLM runs them through
+``CompressedTensorsLinearMethod`` and its CPU int8 kernel, in bf16, at TP2.
+
+vLLM CPU's int8 kernel splits by CPU kind: with AMX the weight is a plain
+VNNI-packed tensor; without AMX it sits in a oneDNN handle, and o_shared keeps
+it a plain int8 tensor instead (``vllm_ascend_ext/ops/cpu_int8.py``). The
+native run takes whichever path this CPU has; on an AMX CPU a second run
+forces the non-AMX path, so both run in CI on such machines.
+
+Rules, per checkpoint and path, all engines bf16:
+- noise floor: plain TP1 vs plain TP2, measured in the same run; FlashComm2
+  k=1 must stay within it (plus a margin);
+- o_shared (prefetch steps 1 and 2) runs the same int8 arithmetic as
+  FlashComm2 without it, so it must match it exactly;
+- greedy continuations by the harness rule against plain TP2;
+- o_proj bytes read from the workers: the owned int8 layers plus ring slots,
+  scales included.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.harness import (
+    MEMORY_RPC,
+    assert_greedy_close,
+    assert_prompt_logprobs_close,
+    flashcomm2_flags,
+    max_prompt_logprob_diff,
+)
+from vllm_ascend_ext.cpu_attention import AMX_FEATURE, cpu_has_amx
+
+# Plain TP1 vs plain TP2 on the same W8A8 checkpoint, bf16, measured on an AMD
+# EPYC (no AMX; oneDNN int8 path): Qwen3 0.293 nats, DeepSeek-V3 (int8 o_proj
+# only) 1.079 nats. Reduction order alone moves bf16 logprobs this far (the
+# wide-init tiny DeepSeek-V3 is as sensitive in plain bf16: test_cpu_kinds.py),
+# and a greedy near-tie already separates TP1 from TP2 on Qwen3.
+MEASURED_NOISE_FLOOR = {"Qwen3ForCausalLM": 0.293, "DeepseekV3ForCausalLM": 1.079}
+# FlashComm2 may deviate from plain TP2 by the run's own floor plus this share.
+FLOOR_MARGIN = 0.25
+# A floor far above the measured one means the checkpoint or kernel broke.
+FLOOR_SANITY = 3.0
+
+# One o_proj layer: int8 [K=256, N=256] + fp32 per-channel scale [256].
+INT8_OPROJ_BYTES = 256 * 256 + 256 * 4
+
+VARIANTS = {
+    "FC2 k=1": flashcomm2_flags(1),
+    "FC2 k=1 o_shared step 1": flashcomm2_flags(1, True, 1),
+    "FC2 k=1 o_shared step 2": flashcomm2_flags(1, True, 2),
+}
+NATIVE, FORCED_NO_AMX = "native", "non-AMX path forced"
+
+
+def _runs(engines, arch, path):
+    pretend = None if path == NATIVE else False
+    return {
+        name: engines.run(arch, tp=tp, env=env, dtype="bfloat16", w8a8=True,
+                          pretend_amx=pretend)
+        for name, tp, env in [("plain TP1", 1, None), ("plain TP2", 2, None),
+                              *[(n, 2, e) for n, e in VARIANTS.items()]]
+    }
+
+
+@pytest.mark.parametrize("arch,path", [
+    ("Qwen3ForCausalLM", NATIVE),
+    ("Qwen3ForCausalLM", FORCED_NO_AMX),
+    ("DeepseekV3ForCausalLM", NATIVE),
+])
+def test_w8a8_flashcomm2_and_oshared_match_plain_tp(arch, path, engines):
+    if path == FORCED_NO_AMX and not cpu_has_amx():
+        pytest.skip(f"needs a CPU with AMX ({AMX_FEATURE}) to force off; this CPU takes "
+                    "the non-AMX int8 path natively")
+    runs = _runs(engines, arch, path)
+    floor = max_prompt_logprob_diff(runs["plain TP1"].outputs, runs["plain TP2"].outputs)
+    assert floor <= FLOOR_SANITY * MEASURED_NOISE_FLOOR[arch], (
+        f"plain TP1 vs TP2 differ by {floor:.3f} nats (measured before: "
+        f"{MEASURED_NOISE_FLOOR[arch]})")
+    ref = runs["plain TP2"].outputs
+    fc2 = runs["FC2 k=1"]
+    gap = assert_prompt_logprobs_close(ref, fc2.outputs, atol=floor * (1 + FLOOR_MARGIN),
+                                       names=("plain TP2", "FC2 k=1"))
+    assert_greedy_close(ref, fc2.outputs, names=("plain TP2", "FC2 k=1"))
+    for name in ("FC2 k=1 o_shared step 1", "FC2 k=1 o_shared step 2"):
+        got = runs[name]
+        assert_prompt_logprobs_close(fc2.outputs, got.outputs, atol=0.0,
+                                     names=("FC2 k=1", name))
+        assert [o["token_ids"] for o in got.outputs] == [o["token_ids"] for o in fc2.outputs]
+        for worker in got.rpc[MEMORY_RPC]:
+            assert worker["o_proj_classes"] == ["FlashComm2RowParallelLinear"], worker
+            rep = worker["series_report"]
+            assert rep["resident_bytes"] == (rep["owned_layers"] + rep["slots"]) * \
+                rep["per_layer_bytes"], rep
+            assert worker["o_proj_storage_bytes"] == rep["resident_bytes"], worker
+            if path == FORCED_NO_AMX or not cpu_has_amx():
+                assert rep["per_layer_bytes"] == INT8_OPROJ_BYTES, rep
+            else:  # VNNI-packed int8 plus scales: int8-sized, not bf16-sized
+                assert INT8_OPROJ_BYTES <= rep["per_layer_bytes"] < 2 * 256 * 256, rep
+        assert sorted(w["series_report"]["owned_layers"] for w in got.rpc[MEMORY_RPC]) == [2, 3]
+    print(f"\n{arch} W8A8 bf16 ({path}): floor TP1-TP2 {floor:.3f}, FC2 vs TP2 {gap:.3f}, "
+          "o_shared vs FC2 0.0")
