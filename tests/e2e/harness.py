@@ -286,9 +286,10 @@ class EngineCache:
         self._runs: dict = {}
 
     def run(self, arch: str, *, tp: int, env: dict | None = None, eager: bool = True,
-            pp: int = 1, dtype: str = "float32", w8a8: bool = False,
+            pp: int = 1, dtype: str = "float32", w8a8: str | None = None,
             pretend_amx: bool | None = None) -> EngineResult:
-        """``w8a8``: the arch's W8A8 checkpoint (``tiny_models/w8a8.py``)."""
+        """``w8a8``: the arch's W8A8 checkpoint (``tiny_models/w8a8.py``) with
+        "dynamic" or "static" activation scales."""
         key = (arch, tp, pp, tuple(sorted((env or {}).items())), eager, dtype, w8a8,
                pretend_amx)
         skip_without_cpu_mla(arch)
@@ -296,7 +297,7 @@ class EngineCache:
             if w8a8:
                 from vllm_ascend_ext.tiny_models.w8a8 import tiny_w8a8_checkpoint
 
-                model = tiny_w8a8_checkpoint(arch)
+                model = tiny_w8a8_checkpoint(arch, activations=w8a8)
             else:
                 model = self._tiny_model(arch)
             self._runs[key] = run_vllm(model, make_prompts(model), tp=tp, pp=pp, env=env,

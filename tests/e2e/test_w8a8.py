@@ -1,7 +1,8 @@
 """W8A8 checkpoints through vLLM's real quant methods, with FlashComm2 and o_shared.
 
-The checkpoints are compressed-tensors W8A8 (int8 per-channel weights, dynamic
-per-token int8 activations) written from the fp32 tiny models
+The checkpoints are compressed-tensors W8A8 (int8 per-channel weights; int8
+activations, dynamic per token or static per tensor) written from the fp32
+tiny models
 (``vllm_ascend_ext/tiny_models/w8a8.py``); vLLM runs them through
 ``CompressedTensorsLinearMethod`` and its CPU int8 kernel, in bf16, at TP2.
 
@@ -35,18 +36,21 @@ from tests.e2e.harness import (
 from vllm_ascend_ext.cpu_attention import AMX_FEATURE, cpu_has_amx
 
 # Plain TP1 vs plain TP2 on the same W8A8 checkpoint, bf16, measured on an AMD
-# EPYC (no AMX; oneDNN int8 path): Qwen3 0.293 nats, DeepSeek-V3 (int8 o_proj
-# only) 1.079 nats. Reduction order alone moves bf16 logprobs this far (the
+# EPYC (no AMX; oneDNN int8 path): Qwen3 0.293 nats (static scales: 0.357),
+# DeepSeek-V3 (int8 o_proj only) 1.079 nats. Reduction order alone moves bf16 logprobs this far (the
 # wide-init tiny DeepSeek-V3 is as sensitive in plain bf16: test_cpu_kinds.py),
 # and a greedy near-tie already separates TP1 from TP2 on Qwen3.
-MEASURED_NOISE_FLOOR = {"Qwen3ForCausalLM": 0.293, "DeepseekV3ForCausalLM": 1.079}
+MEASURED_NOISE_FLOOR = {("Qwen3ForCausalLM", "dynamic"): 0.293,
+                        ("Qwen3ForCausalLM", "static"): 0.357,
+                        ("DeepseekV3ForCausalLM", "dynamic"): 1.079}
 # FlashComm2 may deviate from plain TP2 by the run's own floor plus this share.
 FLOOR_MARGIN = 0.25
 # A floor far above the measured one means the checkpoint or kernel broke.
 FLOOR_SANITY = 3.0
 
-# One o_proj layer: int8 [K=256, N=256] + fp32 per-channel scale [256].
-INT8_OPROJ_BYTES = 256 * 256 + 256 * 4
+# One o_proj layer: int8 [K=256, N=256] + fp32 per-channel scale [256], and for
+# a static scheme the scalar input scale (64-byte aligned in the packed slot).
+INT8_OPROJ_BYTES = {"dynamic": 256 * 256 + 256 * 4, "static": 256 * 256 + 256 * 4 + 64}
 
 VARIANTS = {
     "FC2 k=1": flashcomm2_flags(1),
@@ -56,30 +60,31 @@ VARIANTS = {
 NATIVE, FORCED_NO_AMX = "native", "non-AMX path forced"
 
 
-def _runs(engines, arch, path):
+def _runs(engines, arch, path, activations):
     pretend = None if path == NATIVE else False
     return {
-        name: engines.run(arch, tp=tp, env=env, dtype="bfloat16", w8a8=True,
+        name: engines.run(arch, tp=tp, env=env, dtype="bfloat16", w8a8=activations,
                           pretend_amx=pretend)
         for name, tp, env in [("plain TP1", 1, None), ("plain TP2", 2, None),
                               *[(n, 2, e) for n, e in VARIANTS.items()]]
     }
 
 
-@pytest.mark.parametrize("arch,path", [
-    ("Qwen3ForCausalLM", NATIVE),
-    ("Qwen3ForCausalLM", FORCED_NO_AMX),
-    ("DeepseekV3ForCausalLM", NATIVE),
+@pytest.mark.parametrize("arch,activations,path", [
+    ("Qwen3ForCausalLM", "dynamic", NATIVE),
+    ("Qwen3ForCausalLM", "dynamic", FORCED_NO_AMX),
+    ("Qwen3ForCausalLM", "static", NATIVE),
+    ("DeepseekV3ForCausalLM", "dynamic", NATIVE),
 ])
-def test_w8a8_flashcomm2_and_oshared_match_plain_tp(arch, path, engines):
+def test_w8a8_flashcomm2_and_oshared_match_plain_tp(arch, activations, path, engines):
     if path == FORCED_NO_AMX and not cpu_has_amx():
         pytest.skip(f"needs a CPU with AMX ({AMX_FEATURE}) to force off; this CPU takes "
                     "the non-AMX int8 path natively")
-    runs = _runs(engines, arch, path)
+    runs = _runs(engines, arch, path, activations)
     floor = max_prompt_logprob_diff(runs["plain TP1"].outputs, runs["plain TP2"].outputs)
-    assert floor <= FLOOR_SANITY * MEASURED_NOISE_FLOOR[arch], (
-        f"plain TP1 vs TP2 differ by {floor:.3f} nats (measured before: "
-        f"{MEASURED_NOISE_FLOOR[arch]})")
+    measured = MEASURED_NOISE_FLOOR[(arch, activations)]
+    assert floor <= FLOOR_SANITY * measured, (
+        f"plain TP1 vs TP2 differ by {floor:.3f} nats (measured before: {measured})")
     ref = runs["plain TP2"].outputs
     fc2 = runs["FC2 k=1"]
     gap = assert_prompt_logprobs_close(ref, fc2.outputs, atol=floor * (1 + FLOOR_MARGIN),
@@ -97,9 +102,9 @@ def test_w8a8_flashcomm2_and_oshared_match_plain_tp(arch, path, engines):
                 rep["per_layer_bytes"], rep
             assert worker["o_proj_storage_bytes"] == rep["resident_bytes"], worker
             if path == FORCED_NO_AMX or not cpu_has_amx():
-                assert rep["per_layer_bytes"] == INT8_OPROJ_BYTES, rep
+                assert rep["per_layer_bytes"] == INT8_OPROJ_BYTES[activations], rep
             else:  # VNNI-packed int8 plus scales: int8-sized, not bf16-sized
-                assert INT8_OPROJ_BYTES <= rep["per_layer_bytes"] < 2 * 256 * 256, rep
+                assert INT8_OPROJ_BYTES["dynamic"] <= rep["per_layer_bytes"] < 2 * 256 * 256, rep
         assert sorted(w["series_report"]["owned_layers"] for w in got.rpc[MEMORY_RPC]) == [2, 3]
-    print(f"\n{arch} W8A8 bf16 ({path}): floor TP1-TP2 {floor:.3f}, FC2 vs TP2 {gap:.3f}, "
+    print(f"\n{arch} W8A8 {activations} bf16 ({path}): floor TP1-TP2 {floor:.3f}, FC2 vs TP2 {gap:.3f}, "
           "o_shared vs FC2 0.0")
