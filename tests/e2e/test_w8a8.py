@@ -60,13 +60,19 @@ VARIANTS = {
 NATIVE, FORCED_NO_AMX = "native", "non-AMX path forced"
 
 
+# Prefetch step 2 changes only the ring, already swept elsewhere: one case runs it.
+STEP2_CASE = ("Qwen3ForCausalLM", "dynamic", NATIVE)
+
+
 def _runs(engines, arch, path, activations):
     pretend = None if path == NATIVE else False
+    variants = {n: e for n, e in VARIANTS.items()
+                if "step 2" not in n or (arch, activations, path) == STEP2_CASE}
     return {
         name: engines.run(arch, tp=tp, env=env, dtype="bfloat16", w8a8=activations,
                           pretend_amx=pretend)
         for name, tp, env in [("plain TP1", 1, None), ("plain TP2", 2, None),
-                              *[(n, 2, e) for n, e in VARIANTS.items()]]
+                              *[(n, 2, e) for n, e in variants.items()]]
     }
 
 
@@ -90,7 +96,7 @@ def test_w8a8_flashcomm2_and_oshared_match_plain_tp(arch, activations, path, eng
     gap = assert_prompt_logprobs_close(ref, fc2.outputs, atol=floor * (1 + FLOOR_MARGIN),
                                        names=("plain TP2", "FC2 k=1"))
     assert_greedy_close(ref, fc2.outputs, names=("plain TP2", "FC2 k=1"))
-    for name in ("FC2 k=1 o_shared step 1", "FC2 k=1 o_shared step 2"):
+    for name in [n for n in runs if "o_shared" in n]:
         got = runs[name]
         assert_prompt_logprobs_close(fc2.outputs, got.outputs, atol=0.0,
                                      names=("FC2 k=1", name))
