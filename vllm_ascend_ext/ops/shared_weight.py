@@ -29,8 +29,9 @@ What the ring holds
     method packs the weight into an opaque oneDNN handle and leaves
     ``layer.weight`` empty, so registration sets vLLM's own escape hatch
     ``layer._cpu_skip_gemm_dispatch = True`` on CPU (the weight stays a plain
-    tensor and the layer uses ``F.linear``); any other method that leaves an
-    empty weight is rejected with :class:`SharedWeightError`.
+    tensor and the layer uses ``F.linear``), and vLLM CPU's int8 W8A8 kernel
+    without AMX keeps a plain int8 weight (``cpu_int8.py``); any other method
+    that leaves an empty weight is rejected with :class:`SharedWeightError`.
 
 Buffers (``slot_storage.py``)
     How one processed layer is held is the platform's business: on CPU/CUDA
