@@ -1,9 +1,14 @@
-"""End-to-end throughput: plain TP vs FlashComm2 vs FlashComm2 + o_shared.
+"""End-to-end throughput: plain TP vs FlashComm2 vs FlashComm2 + o_shared vs adaptive.
 
-Runs vLLM's own benchmark (``vllm bench throughput``, random dataset) three
-times on the same checkpoint and batch, changing only the env flags, and
-writes a table of tokens/s with ratios to plain TP plus the o_proj bytes per
-rank each configuration holds.
+Runs vLLM's own benchmark (``vllm bench throughput``, random dataset) on the
+same checkpoint for every configuration and workload, changing only the env
+flags, and writes a table of tokens/s with ratios to plain TP plus the o_proj
+bytes per rank each configuration holds. ``--rounds N`` repeats the whole
+sweep N times, configurations interleaved, and reports the median with the
+min-max spread of each ratio.
+
+Workloads: ``decode`` (short prompts, long outputs: decode steps of
+``--num-prompts`` tokens) and ``prefill`` (long prompts, short outputs).
 
     .venv/bin/python benchmarks/bench_throughput.py --preset small --tp 2 \
         --out results/bench_throughput.json
@@ -35,12 +40,19 @@ PRESETS = {
     "small": ("Qwen3ForCausalLM", 8, 1024),
 }
 
+_FC2 = {"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "1"}
+_OSHARED = {**_FC2, "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED": "1"}
+_ADAPTIVE = "VLLM_ASCEND_FLASHCOMM2_ADAPTIVE_TOKENS"
 CONFIGS = [
     ("plain TP", {}),
-    ("FlashComm2 k=1", {"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "1"}),
-    ("FlashComm2 k=1 + o_shared", {"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "1",
-                                   "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED": "1"}),
+    ("FlashComm2 k=1", {**_FC2, _ADAPTIVE: "0"}),
+    ("FlashComm2 k=1 + o_shared", {**_OSHARED, _ADAPTIVE: "0"}),
+    # the default threshold (DEFAULT_ADAPTIVE_TOKENS): the flags a user sets
+    ("adaptive FlashComm2 k=1 + o_shared", dict(_OSHARED)),
 ]
+
+#: name: (input tokens, output tokens) per request
+WORKLOADS = {"decode": (16, 128), "prefill": (512, 4)}
 
 
 def _model_dir(args) -> str:
@@ -100,37 +112,51 @@ def run_one(model: str, tp: int, env_flags: dict, args) -> dict:
 
 
 def main(argv=None) -> int:
+    import statistics
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
     ap.add_argument("--model", help="a real checkpoint instead of a preset")
     ap.add_argument("--tp", type=int, default=2)
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS),
+                    default=list(WORKLOADS))
     ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-cpu-env", action="store_true", help="do not set CPU vLLM env (NPU)")
     ap.add_argument("--out", default=str(ROOT / "results/bench_throughput.json"))
     args = ap.parse_args(argv)
 
+    from vllm_ascend_ext.config import DEFAULT_ADAPTIVE_TOKENS
     from vllm_ascend_ext.cpu_attention import cpu_has_amx, cpu_model_name
 
     model = _model_dir(args)
+    samples: dict[tuple[str, str], list[float]] = {}
+    for rnd in range(args.rounds):
+        for workload in args.workloads:
+            args.input_len, args.output_len = WORKLOADS[workload]
+            for name, flags in CONFIGS:
+                data = run_one(model, args.tp, flags, args)
+                samples.setdefault((workload, name), []).append(data["tokens_per_second"])
+                print(f"round {rnd} {workload} {name}: {data['tokens_per_second']:.1f} tok/s",
+                      flush=True)
     rows = []
-    for name, flags in CONFIGS:
-        data = run_one(model, args.tp, flags, args)
-        rows.append({
-            "config": name, "flags": flags,
-            "tokens_per_s": data["tokens_per_second"],
-            "requests_per_s": data["requests_per_second"],
-            "o_proj_bytes_per_rank": _oproj_bytes(model, args.tp, flags),
-        })
-        print(f"{name}: {data['tokens_per_second']:.1f} tok/s", flush=True)
-    base = rows[0]["tokens_per_s"]
-    for r in rows:
-        r["ratio_to_plain_tp"] = r["tokens_per_s"] / base
+    for workload in args.workloads:
+        base = samples[(workload, CONFIGS[0][0])]
+        for name, flags in CONFIGS:
+            tps = samples[(workload, name)]
+            ratios = [t / b for t, b in zip(tps, base)]  # within a round
+            rows.append({
+                "workload": workload, "input_len": WORKLOADS[workload][0],
+                "output_len": WORKLOADS[workload][1], "config": name, "flags": flags,
+                "tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps,
+                "ratio_to_plain_tp": statistics.median(ratios),
+                "ratio_min": min(ratios), "ratio_max": max(ratios),
+                "o_proj_bytes_per_rank": _oproj_bytes(model, args.tp, flags),
+            })
     result = {
-        "model": model, "tp": args.tp, "input_len": args.input_len,
-        "output_len": args.output_len, "num_prompts": args.num_prompts, "dtype": args.dtype,
+        "model": model, "tp": args.tp, "num_prompts": args.num_prompts, "dtype": args.dtype,
+        "rounds": args.rounds, "adaptive_tokens_default": DEFAULT_ADAPTIVE_TOKENS,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {cpu_model_name()}"
                    f"{' (AMX)' if cpu_has_amx() else ' (no AMX)'}",
         "note": "CPU/gloo timings do not predict NPU/HCCL ones.",
@@ -139,10 +165,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    table = ["| config | tokens/s | ratio to plain TP | o_proj bytes / rank |",
-             "|---|---|---|---|"]
+    table = ["| workload | config | tokens/s | ratio to plain TP (median [min-max]) | "
+             "o_proj bytes / rank |", "|---|---|---|---|---|"]
     for r in rows:
-        table.append(f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['ratio_to_plain_tp']:.3f} | "
+        table.append(f"| {r['workload']} ({r['input_len']} in / {r['output_len']} out) | "
+                     f"{r['config']} | {r['tokens_per_s']:.1f} | {r['ratio_to_plain_tp']:.3f} "
+                     f"[{r['ratio_min']:.3f}-{r['ratio_max']:.3f}] | "
                      f"{r['o_proj_bytes_per_rank']:,} |")
     md = "\n".join(table)
     out.with_suffix(".md").write_text(md + "\n")

@@ -81,6 +81,33 @@ def test_comm_formulas_with_otp_greater_than_one():
     assert c["fc2_saved_vs_tp"] / T == pytest.approx(pl.saved_bytes_per_token(shape, 8, 2, b))
 
 
+def test_int8_all_to_all_halves_the_all_to_all_only():
+    # TP16 k=1, DeepSeek-V3: the all-to-all carries int8; dynamic scales add a
+    # ring all-reduce of one fp32 per padded token over the 16-rank ODP group.
+    T = 4096
+    bf16 = pl.comm_per_layer(DSV3, 16, 1, 2, T)
+    static = pl.comm_per_layer(DSV3, 16, 1, 2, T, int8_all_to_all="static")
+    dynamic = pl.comm_per_layer(DSV3, 16, 1, 2, T, int8_all_to_all="dynamic")
+    assert static["fc2_all_to_all"] == bf16["fc2_all_to_all"] / 2
+    assert static["fc2_scale_all_reduce"] == bf16["fc2_scale_all_reduce"] == 0
+    assert dynamic["fc2_scale_all_reduce"] == 2 * 15 / 16 * T * 4
+    for key in ("tp_allreduce", "fc2_otp_reduce_scatter", "fc2_all_gather"):
+        assert static[key] == dynamic[key] == bf16[key], key
+    ratio = (dynamic["fc2_all_to_all"] + dynamic["fc2_scale_all_reduce"]) / bf16["fc2_all_to_all"]
+    assert ratio == pytest.approx(0.5 + 4 / 1024)  # a/P = 1024 bf16 values per token
+    p = plan(DSV3, PlanInputs(tp=16, weight_dtype="int8", int8_all_to_all="dynamic"))
+    assert p["fc2_saved_bytes_per_token"] == pytest.approx(dynamic["fc2_saved_vs_tp"] / T)
+
+
+@pytest.mark.parametrize("inputs,match", [
+    (PlanInputs(int8_all_to_all="yes"), "--int8-all-to-all must be one of"),
+    (PlanInputs(int8_all_to_all="static", act_dtype="int8"), "every collective is int8"),
+])
+def test_int8_all_to_all_bad_input(inputs, match):
+    with pytest.raises(PlanError, match=match):
+        plan(DSV3, inputs)
+
+
 def test_padding_to_a_multiple_of_tp():
     c = pl.comm_per_layer(QWEN235, tp=16, otp=1, act_bytes=2, tokens=17)
     assert c["padded_tokens"] == 32

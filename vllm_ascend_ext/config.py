@@ -1,6 +1,6 @@
 """FlashComm2 / o_shared settings: where they come from and whether they fit.
 
-Three settings, each read from vLLM's ``additional_config`` first and from an
+Five settings, each read from vLLM's ``additional_config`` first and from an
 environment variable second (``additional_config`` wins when both are given;
 the overridden environment value is then not even parsed):
 
@@ -10,10 +10,19 @@ setting                    environment variable                           ``addi
 ``parallel_size``          ``VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE``       ``enable_flashcomm2_parallel_size`` (int)   ``0``
 ``oshared``                ``VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED``      ``layer_sharding`` (list, ``["o_proj"]``)   off
 ``prefetch_step``          ``VLLM_ASCEND_FLASHCOMM2_OSHARED_PREFETCH_STEP``  ``flashcomm2_oshared_prefetch_step`` (int)  ``1``
+``int8_all_to_all``        ``VLLM_ASCEND_FLASHCOMM2_INT8_ALL_TO_ALL``     ``flashcomm2_int8_all_to_all`` (bool)       on
+``adaptive_tokens``        ``VLLM_ASCEND_FLASHCOMM2_ADAPTIVE_TOKENS``     ``flashcomm2_adaptive_tokens`` (int)        ``DEFAULT_ADAPTIVE_TOKENS``
 =========================  =============================================  ==========================================  =======
 
 ``parallel_size`` is the o_proj tensor-parallel size ``k`` (0 = FlashComm2
-off).  :func:`parse_flashcomm2_config` only turns raw values into typed ones;
+off).  ``int8_all_to_all``: W8A8 o_projs that take int8 input get their
+activations quantized before FlashComm2's all-to-all, which then carries int8
+(``vllm_ascend_ext/ops/int8_all_to_all.py``); ``0`` keeps the activation
+dtype on the wire.  ``adaptive_tokens``: a forward pass with at most this many
+tokens runs the o_proj as plain row-parallel from the same weights (this
+rank's input columns, then vLLM's TP all-reduce) instead of FlashComm2; ``0``
+= always FlashComm2 (``vllm_ascend_ext/ops/adaptive_oproj.py``).
+:func:`parse_flashcomm2_config` only turns raw values into typed ones;
 :func:`validate_flashcomm2_config` checks them against the engine's
 ``VllmConfig``; :func:`get_flashcomm2_config` does both and logs the result.
 Every error is a :class:`FlashComm2ConfigError` whose message names the
@@ -32,6 +41,11 @@ __all__ = [
     "ADDITIONAL_CONFIG_LAYER_SHARDING",
     "ADDITIONAL_CONFIG_PARALLEL_SIZE",
     "ADDITIONAL_CONFIG_PREFETCH_STEP",
+    "ADDITIONAL_CONFIG_ADAPTIVE_TOKENS",
+    "ADDITIONAL_CONFIG_INT8_ALL_TO_ALL",
+    "DEFAULT_ADAPTIVE_TOKENS",
+    "ENV_ADAPTIVE_TOKENS",
+    "ENV_INT8_ALL_TO_ALL",
     "ENV_OSHARED",
     "ENV_PARALLEL_SIZE",
     "ENV_PREFETCH_STEP",
@@ -47,10 +61,14 @@ __all__ = [
 ENV_PARALLEL_SIZE = "VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE"
 ENV_OSHARED = "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED"
 ENV_PREFETCH_STEP = "VLLM_ASCEND_FLASHCOMM2_OSHARED_PREFETCH_STEP"
+ENV_INT8_ALL_TO_ALL = "VLLM_ASCEND_FLASHCOMM2_INT8_ALL_TO_ALL"
+ENV_ADAPTIVE_TOKENS = "VLLM_ASCEND_FLASHCOMM2_ADAPTIVE_TOKENS"
 
 ADDITIONAL_CONFIG_PARALLEL_SIZE = "enable_flashcomm2_parallel_size"
 ADDITIONAL_CONFIG_LAYER_SHARDING = "layer_sharding"
 ADDITIONAL_CONFIG_PREFETCH_STEP = "flashcomm2_oshared_prefetch_step"
+ADDITIONAL_CONFIG_INT8_ALL_TO_ALL = "flashcomm2_int8_all_to_all"
+ADDITIONAL_CONFIG_ADAPTIVE_TOKENS = "flashcomm2_adaptive_tokens"
 
 #: Model classes whose attention output projection this project replaces.
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
@@ -65,6 +83,9 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
 SUPPORTED_LAYER_SHARDING: tuple[str, ...] = ("o_proj",)
 
 DEFAULT_PREFETCH_STEP = 1
+#: Adaptive FlashComm2's token threshold: see docs/flashcomm2.md "Adaptive
+#: FlashComm2" for the measurement it comes from.
+DEFAULT_ADAPTIVE_TOKENS = 64
 
 _TRUE_WORDS = ("1", "true")
 _FALSE_WORDS = ("0", "false")
@@ -81,7 +102,10 @@ class FlashComm2Config:
     ``parallel_size``: o_proj TP size ``k`` (0 = FlashComm2 off).
     ``oshared``: o_proj weights stored round-robin over the o_shared group.
     ``prefetch_step``: how many layers ahead o_shared broadcasts a weight.
-    ``sources``: for each of those three field names, a human-readable
+    ``int8_all_to_all``: send int8 activations where the o_proj takes them.
+    ``adaptive_tokens``: at most this many tokens -> plain row-parallel o_proj
+    (0 = always FlashComm2).
+    ``sources``: for each of those five field names, a human-readable
     description of where the value came from (``"default"``, an environment
     variable, or an ``additional_config`` key).
     """
@@ -89,11 +113,15 @@ class FlashComm2Config:
     parallel_size: int = 0
     oshared: bool = False
     prefetch_step: int = DEFAULT_PREFETCH_STEP
+    int8_all_to_all: bool = True
+    adaptive_tokens: int = DEFAULT_ADAPTIVE_TOKENS
     sources: Mapping[str, str] = field(
         default_factory=lambda: {
             "parallel_size": "default",
             "oshared": "default",
             "prefetch_step": "default",
+            "int8_all_to_all": "default",
+            "adaptive_tokens": "default",
         },
         compare=False,
         hash=False,
@@ -120,7 +148,11 @@ class FlashComm2Config:
             f"o_proj TP size={self.parallel_size} [{self.sources['parallel_size']}], "
             f"o_shared={'on' if self.oshared else 'off'} [{self.sources['oshared']}], "
             f"o_shared prefetch step={self.prefetch_step} "
-            f"[{self.sources['prefetch_step']}]"
+            f"[{self.sources['prefetch_step']}], "
+            f"int8 all-to-all={'on' if self.int8_all_to_all else 'off'} "
+            f"[{self.sources.get('int8_all_to_all', 'default')}], "
+            f"adaptive threshold={self.adaptive_tokens} tokens "
+            f"[{self.sources.get('adaptive_tokens', 'default')}]"
         )
 
 
@@ -165,6 +197,17 @@ def _parse_bool(source: str, value: str) -> bool:
     raise _bad(source, value, "expected one of 0, 1, true, false (case-insensitive)")
 
 
+def _parse_switch(source: str, value: Any) -> bool:
+    """A bool from ``additional_config`` (JSON true/false) or a 0/1/true/false string."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return _parse_bool(source, value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise _bad(source, value, "expected true or false (or 0 / 1)")
+
+
 def _parse_layer_sharding(source: str, value: Any) -> bool:
     if not isinstance(value, (list, tuple)):
         raise _bad(
@@ -201,6 +244,8 @@ def _pick(
 
 _SIZE_RULE = "the FlashComm2 o_proj TP size must be a non-negative integer (0 = off)"
 _STEP_RULE = "the o_shared prefetch step must be a non-negative integer"
+_ADAPTIVE_RULE = ("the adaptive FlashComm2 threshold must be a non-negative integer "
+                  "number of tokens (0 = always FlashComm2)")
 
 
 def parse_flashcomm2_config(
@@ -246,12 +291,30 @@ def parse_flashcomm2_config(
         raw_values["prefetch_step"] = raw
     step = DEFAULT_PREFETCH_STEP if label is None else _parse_int(label, raw, _STEP_RULE)
 
+    label, raw, int8_src = _pick(
+        env, additional_config, ENV_INT8_ALL_TO_ALL, ADDITIONAL_CONFIG_INT8_ALL_TO_ALL
+    )
+    if label is not None:
+        raw_values["int8_all_to_all"] = raw
+    int8_a2a = True if label is None else _parse_switch(label, raw)
+
+    label, raw, adaptive_src = _pick(
+        env, additional_config, ENV_ADAPTIVE_TOKENS, ADDITIONAL_CONFIG_ADAPTIVE_TOKENS
+    )
+    if label is not None:
+        raw_values["adaptive_tokens"] = raw
+    adaptive = (DEFAULT_ADAPTIVE_TOKENS if label is None
+                else _parse_int(label, raw, _ADAPTIVE_RULE))
+
     return FlashComm2Config(
         parallel_size=size,
         oshared=oshared,
         prefetch_step=step,
+        int8_all_to_all=int8_a2a,
+        adaptive_tokens=adaptive,
         sources={"parallel_size": size_src, "oshared": oshared_src,
-                 "prefetch_step": step_src},
+                 "prefetch_step": step_src, "int8_all_to_all": int8_src,
+                 "adaptive_tokens": adaptive_src},
         raw_values=raw_values,
     )
 
@@ -356,6 +419,22 @@ def validate_flashcomm2_config(cfg: FlashComm2Config, vllm_config: Any,
             f"o_shared needs FlashComm2, but FlashComm2 is off "
             f"({size_src}={_raw(cfg, 'parallel_size')!r}); set {ENV_PARALLEL_SIZE} "
             f"or {_ac(ADDITIONAL_CONFIG_PARALLEL_SIZE)} to an o_proj TP size >= 1",
+        )
+    if (not cfg.enabled and cfg.int8_all_to_all
+            and cfg.sources.get("int8_all_to_all", "default") != "default"):
+        raise _bad(
+            _label(cfg, "int8_all_to_all", ENV_INT8_ALL_TO_ALL), _raw(cfg, "int8_all_to_all"),
+            f"the int8 all-to-all is part of FlashComm2, but FlashComm2 is off "
+            f"({size_src}={_raw(cfg, 'parallel_size')!r}); set an o_proj TP size >= 1 "
+            "or drop this setting",
+        )
+    if (not cfg.enabled and cfg.adaptive_tokens
+            and cfg.sources.get("adaptive_tokens", "default") != "default"):
+        raise _bad(
+            _label(cfg, "adaptive_tokens", ENV_ADAPTIVE_TOKENS), _raw(cfg, "adaptive_tokens"),
+            f"adaptive FlashComm2 switches between FlashComm2 and plain TP, but FlashComm2 "
+            f"is off ({size_src}={_raw(cfg, 'parallel_size')!r}); set an o_proj TP size "
+            ">= 1 or drop this setting",
         )
     if not cfg.enabled:
         return

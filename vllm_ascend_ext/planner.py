@@ -167,6 +167,7 @@ class PlanInputs:
     prefetch_step: int = 1
     weight_dtype: str = "bf16"
     act_dtype: str = "bf16"
+    int8_all_to_all: str = "off"  # off / static / dynamic (W8A8 activation scheme)
     link_gbps: float | None = None  # Gbit/s a rank receives at
     latency_us: float = DEFAULT_LATENCY_US
     layer_compute_us: float | None = None  # stated compute time of one layer
@@ -237,13 +238,26 @@ def stage_memory(pp_rank: int, start: int, L: int, n: int, s: int,
     )
 
 
+#: FlashComm2's int8 all-to-all (``VLLM_ASCEND_FLASHCOMM2_INT8_ALL_TO_ALL``):
+#: ``off`` (activation dtype on the wire), or the W8A8 activation scheme.
+INT8_ALL_TO_ALL_MODES = ("off", "static", "dynamic")
+#: bytes of one per-token scale (fp32) in the dynamic scheme's all-reduce(MAX)
+SCALE_BYTES = 4
+
+
 def comm_per_layer(shape: ModelShape, tp: int, otp: int, act_bytes: int,
-                   tokens: int) -> dict[str, float]:
-    """Bytes one rank sends per layer for ``tokens`` tokens in the step."""
+                   tokens: int, int8_all_to_all: str = "off") -> dict[str, float]:
+    """Bytes one rank sends per layer for ``tokens`` tokens in the step.
+
+    ``int8_all_to_all``: ``static`` sends the all-to-all in int8; ``dynamic``
+    too, after a ring all-reduce(MAX) of one fp32 scale per padded token over
+    the ODP group. The o_proj output collectives keep ``act_bytes``.
+    """
     P, k, h, a, b = tp, otp, shape.hidden_size, shape.o_proj_in, act_bytes
     m = P // k  # ODP group size
     T = tokens
     Tp = math.ceil(T / P) * P  # FlashComm2 pads the token count to a multiple of P
+    a2a_b = b if int8_all_to_all == "off" else DTYPE_BYTES["int8"]
     d = {
         "tokens": T,
         "padded_tokens": Tp,
@@ -252,27 +266,40 @@ def comm_per_layer(shape: ModelShape, tp: int, otp: int, act_bytes: int,
         # FlashComm1: reduce-scatter now, all-gather before the next QKV
         "fc1_reduce_scatter": (P - 1) / P * T * h * b,
         # FlashComm2: all-to-all over ODP, [T, a/P] -> [T*k/P, a/k]
-        "fc2_all_to_all": (m - 1) / m * Tp * (a / P) * b,
+        "fc2_all_to_all": (m - 1) / m * Tp * (a / P) * a2a_b,
+        # dynamic int8: every ODP rank agrees on the per-token scales first
+        "fc2_scale_all_reduce": (2 * (m - 1) / m * Tp * SCALE_BYTES
+                                 if int8_all_to_all == "dynamic" else 0.0),
         # k > 1: reduce-scatter over OTP of [T*k/P, h] -> [T/P, h]
         "fc2_otp_reduce_scatter": (k - 1) / k * (Tp * k / P) * h * b,
         # all-gather over TP of [T/P, h] -> [T, h] (skipped under sequence parallel)
         "fc2_all_gather": (P - 1) / P * Tp * h * b,
     }
-    d["fc2_total"] = d["fc2_all_to_all"] + d["fc2_otp_reduce_scatter"] + d["fc2_all_gather"]
+    d["fc2_total"] = (d["fc2_all_to_all"] + d["fc2_scale_all_reduce"]
+                      + d["fc2_otp_reduce_scatter"] + d["fc2_all_gather"])
     d["fc2_saved_vs_tp"] = d["tp_allreduce"] - d["fc2_total"]
     return d
 
 
-def saved_bytes_per_token(shape: ModelShape, tp: int, otp: int, act_bytes: int) -> float:
+def saved_bytes_per_token(shape: ModelShape, tp: int, otp: int, act_bytes: int,
+                          int8_all_to_all: str = "off") -> float:
     """Bytes FlashComm2 saves per token per layer versus plain TP (no padding)."""
     P, k, h, a, b = tp, otp, shape.hidden_size, shape.o_proj_in, act_bytes
     m = P // k
-    return (P - 1) / P * h * b - (m - 1) / m * (a / P) * b - (k - 1) / P * h * b
+    a2a_b = b if int8_all_to_all == "off" else DTYPE_BYTES["int8"]
+    scales = 2 * (m - 1) / m * SCALE_BYTES if int8_all_to_all == "dynamic" else 0.0
+    return (P - 1) / P * h * b - (m - 1) / m * (a / P) * a2a_b - scales - (k - 1) / P * h * b
 
 
 def validate(shape: ModelShape, x: PlanInputs) -> None:
     if x.weight_dtype not in DTYPE_BYTES or x.act_dtype not in DTYPE_BYTES:
         raise PlanError(f"dtypes must be one of {sorted(DTYPE_BYTES)}")
+    if x.int8_all_to_all not in INT8_ALL_TO_ALL_MODES:
+        raise PlanError(f"--int8-all-to-all must be one of {list(INT8_ALL_TO_ALL_MODES)}, "
+                        f"got {x.int8_all_to_all!r}")
+    if x.int8_all_to_all != "off" and x.act_dtype == "int8":
+        raise PlanError("--int8-all-to-all sends int8 on the all-to-all only; with "
+                        "--act-dtype int8 every collective is int8 already")
     if x.dp < 1:
         raise PlanError(f"--dp must be >= 1, got {x.dp}")
     if x.tp < 2:
@@ -349,13 +376,16 @@ def plan(shape: ModelShape, x: PlanInputs) -> dict[str, Any]:
             "min_prefetch_step_fits": min_step is not None and min_step <= shortest - 1,
         }
 
-    comm = [comm_per_layer(shape, P, k, ab, t) for t in x.tokens]
+    comm = [comm_per_layer(shape, P, k, ab, t, x.int8_all_to_all) for t in x.tokens]
     for c in comm:
         c["oshared_broadcast"] = W
         c["net_saved_with_oshared"] = c["fc2_saved_vs_tp"] - W
-    per_token = saved_bytes_per_token(shape, P, k, ab)
+    per_token = saved_bytes_per_token(shape, P, k, ab, x.int8_all_to_all)
     # per-token, unpadded: (all-to-all + OTP reduce-scatter) / FC1 reduce-scatter
-    fc2_to_fc1 = ((m - 1) / m * (a / P) + (k - 1) / P * h) / ((P - 1) / P * h)
+    a2a_b = ab if x.int8_all_to_all == "off" else DTYPE_BYTES["int8"]
+    scales = 2 * (m - 1) / m * SCALE_BYTES if x.int8_all_to_all == "dynamic" else 0.0
+    fc2_to_fc1 = (((m - 1) / m * (a / P) * a2a_b + scales + (k - 1) / P * h * ab)
+                  / ((P - 1) / P * h * ab))
     break_even = W / per_token if per_token > 0 else None
 
     out = {
@@ -508,17 +538,22 @@ def format_text(p: dict[str, Any]) -> str:
             + (f"; smallest step that hides it: {t['min_prefetch_step']}"
                if t["min_prefetch_step"] is not None else ""),
         ]
-    out += ["", f"bytes sent per rank per layer ({x['act_dtype']} activations)",
+    wire = {"off": "", "static": "; all-to-all in int8",
+            "dynamic": "; all-to-all in int8, plus the all-reduce of fp32 per-token scales"}
+    out += ["", f"bytes sent per rank per layer ({x['act_dtype']} activations"
+            f"{wire[x['int8_all_to_all']]})",
             f"  {'tokens':>7} {'TP allreduce':>13} {'FC2 a2a':>11} {'FC2 otp-RS':>11} "
             f"{'FC2 allgather':>13} {'FC2 saves':>11} {'saves - W':>11}"]
     for c in p["comm"]:
         out.append(
-            f"  {c['tokens']:>7} {_bytes(c['tp_allreduce']):>13} {_bytes(c['fc2_all_to_all']):>11} "
+            f"  {c['tokens']:>7} {_bytes(c['tp_allreduce']):>13} "
+            f"{_bytes(c['fc2_all_to_all'] + c['fc2_scale_all_reduce']):>11} "
             f"{_bytes(c['fc2_otp_reduce_scatter']):>11} {_bytes(c['fc2_all_gather']):>13} "
             f"{_bytes(c['fc2_saved_vs_tp']):>11} {_bytes(c['net_saved_with_oshared']):>11}"
         )
     out.append(f"  FC2 all-to-all / FC1 reduce-scatter bytes: {p['fc2_to_fc1_ratio']:.3f}"
-               + (" (= a/(P*h))" if x["otp_size"] == 1 else ""))
+               + (" (= a/(P*h))" if x["otp_size"] == 1 and x["int8_all_to_all"] == "off"
+                  else ""))
     be = p["break_even_tokens"]
     out.append("  break-even (o_shared broadcast = FC2 saving): "
                + (f"{be:,.0f} tokens" if be is not None else "never"))
@@ -542,6 +577,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ap.add_argument("--weight-dtype", choices=sorted(DTYPE_BYTES), default="bf16")
     ap.add_argument("--act-dtype", choices=sorted(DTYPE_BYTES), default="bf16",
                     help="activation dtype on the wire")
+    ap.add_argument("--int8-all-to-all", choices=INT8_ALL_TO_ALL_MODES, default="off",
+                    help="W8A8 o_proj: FlashComm2's all-to-all in int8 with static or "
+                    "dynamic (per-token) activation scales (VLLM_ASCEND_FLASHCOMM2_INT8_"
+                    "ALL_TO_ALL, on by default where the o_proj takes int8 input)")
     ap.add_argument("--link-gbps", type=float, default=None,
                     help="bandwidth a rank receives a broadcast at, in Gbit/s")
     ap.add_argument("--latency-us", type=float, default=DEFAULT_LATENCY_US,
@@ -563,7 +602,8 @@ def run(args: argparse.Namespace) -> int:
         p = plan(shape, PlanInputs(
             tp=args.tp, dp=args.dp, pp=args.pp, otp_size=args.otp_size,
             prefetch_step=args.prefetch_step, weight_dtype=args.weight_dtype,
-            act_dtype=args.act_dtype, link_gbps=args.link_gbps,
+            act_dtype=args.act_dtype, int8_all_to_all=args.int8_all_to_all,
+            link_gbps=args.link_gbps,
             latency_us=args.latency_us, layer_compute_us=args.layer_compute_us,
             tokens=tuple(args.tokens),
         ))

@@ -49,6 +49,8 @@ _FEATURE_ENV = (
     "VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE",
     "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED",
     "VLLM_ASCEND_FLASHCOMM2_OSHARED_PREFETCH_STEP",
+    "VLLM_ASCEND_FLASHCOMM2_INT8_ALL_TO_ALL",
+    "VLLM_ASCEND_FLASHCOMM2_ADAPTIVE_TOKENS",
 )
 
 
@@ -267,10 +269,14 @@ def skip_without_cpu_mla(arch: str) -> None:
 MEMORY_RPC = "vllm_ascend_ext.models.introspect:oproj_memory"
 
 
-def flashcomm2_flags(size: int, oshared: bool = False, step: int | None = None) -> dict[str, str]:
-    """The env flags exactly as a user sets them."""
+def flashcomm2_flags(size: int, oshared: bool = False, step: int | None = None,
+                     adaptive: int = 0) -> dict[str, str]:
+    """The env flags exactly as a user sets them. ``adaptive`` is stated every
+    time: 0 (always FlashComm2) unless a case tests the switch, so that the
+    FlashComm2 cases run FlashComm2 on their decode steps too."""
     env = {"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": str(size),
-           "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED": "1" if oshared else "0"}
+           "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED": "1" if oshared else "0",
+           "VLLM_ASCEND_FLASHCOMM2_ADAPTIVE_TOKENS": str(adaptive)}
     if step is not None:
         env["VLLM_ASCEND_FLASHCOMM2_OSHARED_PREFETCH_STEP"] = str(step)
     return env

@@ -92,3 +92,34 @@ def test_compiled_oshared_matches_plain_tp(arch, engines):
     ref = engines.run(arch, tp=2, eager=False)
     _check(ref, engines.run(arch, tp=2, env=flags(1, True, 1), eager=False),
            f"{arch} TP2 compiled FC2 o_shared")
+
+
+# Adaptive FlashComm2: the 3 prompts' prefill (about 40 tokens in one step)
+# runs FlashComm2, every decode step (3 tokens) the plain row-parallel side.
+ADAPTIVE_TOKENS = 8
+
+
+def _assert_both_sides_ran(got, route):
+    sides = [w["adaptive"] for w in got.rpc[MEMORY_RPC]]
+    for side in sides:
+        assert side["flashcomm2_calls"] > 0 and side["row_parallel_calls"] > 0, side
+        assert side["small_side_routes"] == [route], side
+
+
+@pytest.mark.parametrize("arch,oshared,eager", [
+    ("DeepseekV3ForCausalLM", True, True),
+    ("Qwen3ForCausalLM", True, True),
+    ("Qwen3ForCausalLM", False, True),
+    ("Qwen3ForCausalLM", True, False),  # compiled: the op-level test sweeps the rest
+])
+def test_adaptive_flashcomm2_matches_plain_tp(arch, oshared, eager, engines):
+    """Prefill above the threshold, decode below it: both sides in one run,
+    eager and compiled (the switch is one custom op: no guard, no recompile)."""
+    ref = engines.run(arch, tp=2, eager=eager)
+    got = engines.run(arch, tp=2, eager=eager,
+                      env=flags(1, oshared, 1 if oshared else None, adaptive=ADAPTIVE_TOKENS))
+    mode = "eager" if eager else "compiled"
+    _check(ref, got, f"{arch} TP2 adaptive FC2 (<= {ADAPTIVE_TOKENS} tokens: row-parallel)"
+           f"{' o_shared' if oshared else ''} {mode}")
+    # fp32 on vLLM CPU: every weight stays a plain tensor, read through a column view
+    _assert_both_sides_ran(got, "column view")

@@ -50,3 +50,22 @@ def test_oshared_resident_bytes_are_owned_plus_ring(arch, step, engines, tiny_mo
         assert math.isclose(report["floor_bytes"], L * W / n, rel_tol=0, abs_tol=W)
         print(f"{arch} rank {rank}: replicated {L * W} B, o_shared {report['resident_bytes']} B, "
               f"floor {L * W / n:.0f} B, plain-TP shard {L * W // 2} B")
+
+
+def test_adaptive_switch_holds_no_extra_weight_bytes(engines, tiny_model):
+    """The switch's small side reads a view of the weights FlashComm2 holds:
+    with it on, every rank's o_proj storages are byte for byte what they are
+    with it off (o_shared: owned + ring), and FlashComm2 alone holds exactly
+    the full o_proj per layer (kept a plain tensor on CPU, not a copy)."""
+    arch = "Qwen3ForCausalLM"
+    model_dir = tiny_model(arch)
+    L = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    W = _layer_bytes(model_dir)
+    off = engines.run(arch, tp=2, env=flashcomm2_flags(1, True, 1)).rpc[MEMORY_RPC]
+    on = engines.run(arch, tp=2, env=flashcomm2_flags(1, True, 1, adaptive=8)).rpc[MEMORY_RPC]
+    for rank in range(2):
+        assert on[rank]["o_proj_storage_bytes"] == off[rank]["o_proj_storage_bytes"], rank
+        assert on[rank]["series_report"] == off[rank]["series_report"], rank
+    fc2 = engines.run(arch, tp=2, env=flashcomm2_flags(1, adaptive=8)).rpc[MEMORY_RPC]
+    for rank in range(2):
+        assert fc2[rank]["o_proj_storage_bytes"] == L * W, fc2[rank]

@@ -17,6 +17,10 @@ Rules, per checkpoint and path, all engines bf16:
   k=1 must stay within it (plus a margin);
 - o_shared (prefetch steps 1 and 2) runs the same int8 arithmetic as
   FlashComm2 without it, so it must match it exactly;
+- FlashComm2's all-to-all carries int8 where the kernel takes int8 input
+  (the default); with it turned off (bf16 on the wire) the logprobs must be
+  the same, exactly: quantizing before the exchange rounds like quantizing
+  after it (``ops/int8_all_to_all.py``);
 - greedy continuations by the harness rule against plain TP2;
 - o_proj bytes read from the workers: the owned int8 layers plus ring slots,
   scales included.
@@ -33,6 +37,7 @@ from tests.e2e.harness import (
     flashcomm2_flags,
     max_prompt_logprob_diff,
 )
+from vllm_ascend_ext.config import ENV_INT8_ALL_TO_ALL
 from vllm_ascend_ext.cpu_attention import AMX_FEATURE, cpu_has_amx
 
 # Plain TP1 vs plain TP2 on the same W8A8 checkpoint, bf16, measured on an AMD
@@ -56,20 +61,24 @@ INT8_OPROJ_BYTES = {"dynamic": 256 * 256 + 256 * 4, "static": 256 * 256 + 256 * 
 
 VARIANTS = {
     "FC2 k=1": flashcomm2_flags(1),
+    "FC2 k=1 bf16 all-to-all": {**flashcomm2_flags(1), ENV_INT8_ALL_TO_ALL: "0"},
     "FC2 k=1 o_shared step 1": flashcomm2_flags(1, True, 1),
     "FC2 k=1 o_shared step 2": flashcomm2_flags(1, True, 2),
+    # prefill (~40 tokens) FlashComm2, decode (3 tokens) plain row-parallel
+    "FC2 k=1 o_shared adaptive": flashcomm2_flags(1, True, 1, adaptive=8),
 }
 NATIVE, FORCED_NO_AMX = "native", "non-AMX path forced"
 
 
-# Prefetch step 2 changes only the ring, already swept elsewhere: one case runs it.
+# Prefetch step 2 changes only the ring, already swept elsewhere, and the
+# adaptive switch's W8A8 arithmetic is swept at op level: one case runs them.
 STEP2_CASE = ("Qwen3ForCausalLM", "dynamic", NATIVE)
 
 
 def _runs(engines, arch, path, activations):
     pretend = None if path == NATIVE else False
     variants = {n: e for n, e in VARIANTS.items()
-                if "step 2" not in n or (arch, activations, path) == STEP2_CASE}
+                if not ("step 2" in n or "adaptive" in n) or (arch, activations, path) == STEP2_CASE}
     return {
         name: engines.run(arch, tp=tp, env=env, dtype="bfloat16", w8a8=activations,
                           pretend_amx=pretend)
@@ -99,8 +108,32 @@ def test_w8a8_flashcomm2_and_oshared_match_plain_tp(arch, activations, path, eng
     gap = assert_prompt_logprobs_close(ref, fc2.outputs, atol=tolerance,
                                        names=("plain TP2", "FC2 k=1"))
     assert_greedy_close(ref, fc2.outputs, names=("plain TP2", "FC2 k=1"))
-    for name in [n for n in runs if "o_shared" in n]:
+    # The kernel's oneDNN route takes int8 input; on AMX it quantizes inside
+    # its own matmul, so the all-to-all stays bf16 there.
+    int8_route = path == FORCED_NO_AMX or not cpu_has_amx()
+    assert {r for w in fc2.rpc[MEMORY_RPC] for r in w["int8_all_to_all_routes"]} == \
+        ({"cpu-onednn"} if int8_route else {"off"})
+    bf16_wire = runs["FC2 k=1 bf16 all-to-all"]
+    assert {r for w in bf16_wire.rpc[MEMORY_RPC] for r in w["int8_all_to_all_routes"]} == {"off"}
+    assert_prompt_logprobs_close(bf16_wire.outputs, fc2.outputs, atol=0.0,
+                                 names=("FC2 k=1 bf16 all-to-all", "FC2 k=1"))
+    assert [o["token_ids"] for o in bf16_wire.outputs] == [o["token_ids"] for o in fc2.outputs]
+    if "FC2 k=1 o_shared adaptive" in runs:
+        # Decode steps run plain TP's int8 arithmetic on this rank's columns
+        # (a row view of the plain int8 weight, or the zero-padded input on AMX).
+        got = runs["FC2 k=1 o_shared adaptive"]
+        assert_prompt_logprobs_close(ref, got.outputs, atol=tolerance,
+                                     names=("plain TP2", "FC2 k=1 o_shared adaptive"))
+        assert_greedy_close(ref, got.outputs, names=("plain TP2", "FC2 k=1 o_shared adaptive"))
+        for worker in got.rpc[MEMORY_RPC]:
+            side = worker["adaptive"]
+            assert side["flashcomm2_calls"] > 0 and side["row_parallel_calls"] > 0, side
+            assert side["small_side_routes"] == (["int8 row view"] if int8_route
+                                                 else ["zero-padded input"]), side
+    for name in [n for n in runs if "o_shared" in n and "adaptive" not in n]:
         got = runs[name]
+        assert {r for w in got.rpc[MEMORY_RPC] for r in w["int8_all_to_all_routes"]} == \
+            ({"cpu-plain"} if int8_route else {"off"})
         assert_prompt_logprobs_close(fc2.outputs, got.outputs, atol=0.0,
                                      names=("FC2 k=1", name))
         assert [o["token_ids"] for o in got.outputs] == [o["token_ids"] for o in fc2.outputs]
@@ -116,4 +149,4 @@ def test_w8a8_flashcomm2_and_oshared_match_plain_tp(arch, activations, path, eng
                 assert INT8_OPROJ_BYTES["dynamic"] <= rep["per_layer_bytes"] < 2 * 256 * 256, rep
         assert sorted(w["series_report"]["owned_layers"] for w in got.rpc[MEMORY_RPC]) == [2, 3]
     print(f"\n{arch} W8A8 {activations} bf16 ({path}): floor TP1-TP2 {floor:.3f}, FC2 vs TP2 {gap:.3f}, "
-          "o_shared vs FC2 0.0")
+          "o_shared vs FC2 0.0, int8 vs bf16 all-to-all 0.0")

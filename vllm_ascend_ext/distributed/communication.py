@@ -7,7 +7,7 @@ time.  The real implementations call plain ``torch.distributed`` collectives
 on the coordinator's ``device_group`` (gloo on CPU, HCCL on Ascend, NCCL on
 CUDA); the fake implementations only describe the output shape.
 
-All three ops work on dim 0 with equal splits:
+The first three work on dim 0 with equal splits:
 
 * ``flashcomm2_all_to_all(x, group_name)``: chunk ``i`` of ``x`` goes to group
   rank ``i``; chunk ``i`` of the result came from group rank ``i``.
@@ -15,6 +15,9 @@ All three ops work on dim 0 with equal splits:
   group, group rank ``r`` keeps rows ``[r*n/ws, (r+1)*n/ws)``.
 * ``flashcomm2_all_gather(x, world_size, group_name)``: concatenation of every
   group rank's ``x`` in group-rank order.
+
+``flashcomm2_all_reduce_max(x, group_name)`` is the elementwise maximum over
+the group (the int8 all-to-all agrees on per-token scales with it).
 
 For tests, :func:`set_poison_outputs` makes every op fill its freshly
 allocated output with NaN before the collective writes it, so a region the
@@ -30,6 +33,7 @@ import torch.distributed as dist
 
 __all__ = [
     "all_gather_dim0",
+    "all_reduce_max",
     "all_to_all_dim0",
     "lookup_group",
     "poison_outputs_enabled",
@@ -123,6 +127,13 @@ def _all_gather(x: torch.Tensor, world_size: int, group_name: str) -> torch.Tens
     return out
 
 
+def _all_reduce_max(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    group = lookup_group(group_name)
+    out = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group.device_group)
+    return out
+
+
 # --------------------------------------------------------------------------
 # fake (meta) implementations: shapes only
 # --------------------------------------------------------------------------
@@ -142,6 +153,10 @@ def _all_gather_fake(x: torch.Tensor, world_size: int, group_name: str) -> torch
     return x.new_empty([x.shape[0] * world_size, *x.shape[1:]])
 
 
+def _all_reduce_max_fake(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def _register_ops() -> None:
     from vllm.utils.torch_utils import direct_register_custom_op
 
@@ -150,6 +165,7 @@ def _register_ops() -> None:
         ("flashcomm2_all_to_all", _all_to_all, _all_to_all_fake),
         ("flashcomm2_reduce_scatter", _reduce_scatter, _reduce_scatter_fake),
         ("flashcomm2_all_gather", _all_gather, _all_gather_fake),
+        ("flashcomm2_all_reduce_max", _all_reduce_max, _all_reduce_max_fake),
     ):
         if hasattr(ns, name):  # module imported twice: keep the first definition
             continue
@@ -186,3 +202,9 @@ def all_gather_dim0(x: torch.Tensor, group: Any) -> torch.Tensor:
     return torch.ops.vllm_ascend_ext.flashcomm2_all_gather(
         x, group.world_size, group.unique_name
     )
+
+
+def all_reduce_max(x: torch.Tensor, group: Any) -> torch.Tensor:
+    if group.world_size == 1:
+        return x
+    return torch.ops.vllm_ascend_ext.flashcomm2_all_reduce_max(x, group.unique_name)

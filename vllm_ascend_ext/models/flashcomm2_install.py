@@ -204,6 +204,8 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
             quant_config=old.quant_config,
             prefix=old.prefix or name,
             return_bias=old.return_bias,
+            int8_all_to_all=cfg.int8_all_to_all,
+            adaptive_tokens=cfg.adaptive_tokens,
         )
         if replace_module(model, old, new) == 0:
             raise RuntimeError(f"could not place the FlashComm2 o_proj at {name}")
@@ -211,6 +213,8 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
             # Registered right away, so a non-owned layer's full weight is
             # released before the next layer's is allocated.
             state.series.add_layer(new, layer_idx)
+        elif cfg.adaptive_tokens:
+            keep_weight_sliceable(new, name)
         state.o_proj_prefixes.append(name)
         replaced[name] = weakref.ref(old)
         del old
@@ -221,11 +225,30 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
         logger.warning("FlashComm2 is on but this pipeline stage has no hidden-layer o_proj.")
     logger.info(
         "[vllm_ascend_ext] FlashComm2 o_proj installed on %d layers (o_proj TP size %d, "
-        "o_shared %s, prefetch step %d)",
+        "o_shared %s, prefetch step %d, plain row-parallel at <= %d tokens)",
         len(state.o_proj_prefixes), cfg.parallel_size, "on" if cfg.oshared else "off",
-        cfg.prefetch_step,
+        cfg.prefetch_step, cfg.adaptive_tokens,
     )
     return state
+
+
+def keep_weight_sliceable(layer: nn.Module, name: str) -> None:
+    """On vLLM CPU, keep the processed o_proj weight a plain tensor, as o_shared
+    members do, so that adaptive FlashComm2's small-batch side can take a
+    column view of it (a oneDNN handle has no columns to take). The same bytes
+    either way; other platforms keep their own format."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm_ascend_ext.compat import keep_cpu_linear_weight_plain
+    from vllm_ascend_ext.ops.cpu_int8 import keep_int8_weight_plain
+
+    method = layer.quant_method
+    post = keep_cpu_linear_weight_plain(layer, method.process_weights_after_loading)
+    post = keep_int8_weight_plain(layer, post, name)
+    if post is not method.process_weights_after_loading:
+        method.process_weights_after_loading = post
 
 
 class FlashComm2ModelMixin:

@@ -26,6 +26,12 @@ def oproj_memory(worker) -> dict:
     storages: dict[int, int] = {}
     classes: set[str] = set()
     layers = 0
+    # Per o_proj: the route of its int8 all-to-all, "off" where it sends the
+    # activation dtype (ops/int8_all_to_all.py).
+    a2a_routes: list[str] = []
+    # Adaptive FlashComm2: forward calls per side, and how the small side
+    # reads this rank's columns (ops/adaptive_oproj.py).
+    adaptive = {"flashcomm2_calls": 0, "row_parallel_calls": 0, "small_side_routes": set()}
     for name, module in model.named_modules():
         if not name.endswith("self_attn.o_proj") or not isinstance(module, LinearBase):
             continue
@@ -33,6 +39,14 @@ def oproj_memory(worker) -> dict:
             continue
         layers += 1
         classes.add(type(module).__name__)
+        int8_in = module.int8_input() if hasattr(module, "int8_input") else None
+        a2a_routes.append("off" if int8_in is None else int8_in.route)
+        if getattr(module, "adaptive_tokens", 0):
+            from vllm_ascend_ext.ops.adaptive_oproj import small_side_route
+
+            adaptive["flashcomm2_calls"] += module.adaptive_calls[0]
+            adaptive["row_parallel_calls"] += module.adaptive_calls[1]
+            adaptive["small_side_routes"].add(small_side_route(module))
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         for t in tensors:
             st = t.untyped_storage()
@@ -65,5 +79,7 @@ def oproj_memory(worker) -> dict:
         "o_proj_layers": layers,
         "o_proj_storage_bytes": sum(storages.values()),
         "o_proj_classes": sorted(classes),
+        "int8_all_to_all_routes": sorted(set(a2a_routes)),
+        "adaptive": adaptive | {"small_side_routes": sorted(adaptive["small_side_routes"])},
         "series_report": None if series is None else asdict(series.memory_report()),
     }

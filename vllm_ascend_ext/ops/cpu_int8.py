@@ -104,6 +104,9 @@ def _process_plain(layer: nn.Module, kernel: Any) -> None:
     def apply(lyr: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
         return plain_int8_linear(lyr, kernel, x, bias)
 
+    # FlashComm2's int8 all-to-all hands this route activations it quantized itself.
+    apply.int8_input_matmul = lambda lyr, x_q, x_s, bias, out_dtype: plain_int8_matmul(
+        lyr, kernel, x_q, x_s, bias, out_dtype)
     kernel.linear_method = apply
 
 
@@ -111,15 +114,27 @@ def plain_int8_linear(layer: nn.Module, kernel: Any, x: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
     from vllm import _custom_ops as ops
 
-    w_q_name, w_s_name, i_s_name, _, _ = kernel.layer_param_names
-    w_q, w_s = getattr(layer, w_q_name), getattr(layer, w_s_name)
-    i_s = getattr(layer, i_s_name, None)
+    i_s = getattr(layer, kernel.layer_param_names[2], None)
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    x_q, x_s, _ = ops.onednn_scaled_int8_quant(x2, i_s, None, True)
+    x_q, x_s, _ = ops.onednn_scaled_int8_quant(x.reshape(-1, shape[-1]), i_s, None, True)
+    out = plain_int8_matmul(layer, kernel, x_q, x_s, bias, x.dtype)
+    return out.reshape(*shape[:-1], out.shape[-1])
+
+
+def plain_int8_matmul(layer: nn.Module, kernel: Any, x_q: torch.Tensor, x_s: torch.Tensor,
+                      bias: torch.Tensor | None, out_dtype: torch.dtype,
+                      k_rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """``[M, K]`` int8 activations with their scale (per token ``[M, 1]`` or one
+    per tensor) times the plain ``[K, N]`` int8 weight, in ``out_dtype``;
+    ``k_rows`` multiplies by rows ``[lo, hi)`` of the weight only (a view: the
+    per-output-channel scales apply unchanged)."""
+    w_q_name, w_s_name, _, _, _ = kernel.layer_param_names
+    w_q, w_s = getattr(layer, w_q_name), getattr(layer, w_s_name)
+    if k_rows is not None:
+        w_q = w_q[k_rows[0]:k_rows[1]]
     acc = torch._int_mm(x_q, w_q)
     out = acc.to(torch.float32) * x_s.reshape(-1, 1).to(torch.float32) * w_s
-    out = out.to(x.dtype)
+    out = out.to(out_dtype)
     if bias is not None:
         out = out + bias
-    return out.reshape(*shape[:-1], w_q.shape[1])
+    return out

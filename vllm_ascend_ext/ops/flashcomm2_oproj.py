@@ -13,7 +13,9 @@ Forward on every TP rank:
 2. reorder blocks so that all-to-all chunk ``i`` (sent to ODP rank ``i``)
    holds blocks ``j*D + i`` for ``j < k``, in ``j`` order (identity when
    ``k = 1``);
-3. all-to-all over ODP: chunk ``i`` comes back from ODP rank ``i`` holding the
+3. all-to-all over ODP (in int8 where the o_proj quantizes its input
+   anyway and ``int8_all_to_all`` is on: ``ops/int8_all_to_all.py``):
+   chunk ``i`` comes back from ODP rank ``i`` holding the
    same token rows for that rank's ``a/P`` columns; concatenating the ``D``
    chunks along features gives ``[T_pad*k/P, a/k]``, exactly this rank's o_proj
    input columns for the token blocks ``{j*D + i_self}``;
@@ -48,10 +50,18 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from vllm_ascend_ext.distributed.communication import (
     all_gather_dim0,
+    all_reduce_max,
     all_to_all_dim0,
     reduce_scatter_dim0,
 )
+from vllm_ascend_ext.ops.adaptive_oproj import register_adaptive_layer, row_parallel_forward
 from vllm_ascend_ext.ops.ascend_linear import platform_linear_method
+from vllm_ascend_ext.ops.int8_all_to_all import (
+    Int8Input,
+    int8_input_of,
+    per_token_absmax,
+    quantize_per_token,
+)
 from vllm_ascend_ext.ops.quant_terms import apply_linear
 
 __all__ = [
@@ -167,6 +177,14 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
     that registers this layer finds ``places_shared_weight_hooks`` and relies
     on the layer to call ``series.wait`` right before the matmul and
     ``series.prefetch_after`` right after it.
+
+    ``adaptive_tokens``: a call with at most this many tokens runs as a
+    plain row-parallel linear from the same weights
+    (:mod:`~vllm_ascend_ext.ops.adaptive_oproj`); 0 = always FlashComm2.
+
+    ``int8_all_to_all``: where the processed quant method takes int8 input
+    (:func:`~vllm_ascend_ext.ops.int8_all_to_all.int8_input_of`), quantize
+    before the all-to-all and send int8.
     """
 
     places_shared_weight_hooks = True
@@ -189,6 +207,8 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         tp_group: Any = None,
         otp_group: Any = None,
         odp_group: Any = None,
+        int8_all_to_all: bool = False,
+        adaptive_tokens: int = 0,
     ):
         if not input_is_parallel:
             raise ValueError(
@@ -205,6 +225,16 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
             raise ValueError(
                 f"{type(self).__name__} ({prefix!r}): disable_tp=True is not supported; "
                 "use a plain RowParallelLinear/ReplicatedLinear"
+            )
+        if adaptive_tokens < 0:
+            raise ValueError(
+                f"{type(self).__name__} ({prefix!r}): adaptive_tokens={adaptive_tokens} "
+                "must be >= 0 (0 = always FlashComm2)"
+            )
+        if adaptive_tokens and skip_bias_add and bias:
+            raise ValueError(
+                f"{type(self).__name__} ({prefix!r}): skip_bias_add with a bias is not "
+                "supported with adaptive FlashComm2 (adaptive_tokens > 0)"
             )
         if tp_group is None:
             from vllm.distributed import get_tp_group
@@ -269,6 +299,11 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         self.otp_size = k
         self.odp_size = D
         self.input_size_per_tp_rank = input_size // P
+        self.int8_all_to_all = bool(int8_all_to_all)
+        self.adaptive_tokens = int(adaptive_tokens)
+        self.adaptive_op_key = register_adaptive_layer(self) if adaptive_tokens else ""
+        #: calls per side of the switch: [FlashComm2, row-parallel]
+        self.adaptive_calls = [0, 0]
 
         self.quant_method.create_weights(
             layer=self,
@@ -314,6 +349,26 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
             )
         lead = input_.shape[:-1]
         x = input_.reshape(-1, a_local)
+        if self.adaptive_tokens > 0:
+            # The branch on the token count lives inside one custom op, so
+            # torch.compile neither guards on it nor recompiles per side.
+            out = torch.ops.vllm_ascend_ext.flashcomm2_adaptive_oproj(
+                x, self.adaptive_op_key, sp)
+            bias = None  # skip_bias_add is refused with the switch (see __init__)
+        else:
+            out, bias = self.forward_flashcomm2(x, sp)
+        if not sp:
+            out = out.reshape(*lead, self.output_size)
+        if not self.return_bias:
+            return out
+        return out, bias
+
+    def forward_flashcomm2(
+        self, x: torch.Tensor, sp: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Steps 1-7 on ``x`` ``[T, a/P]``: the output (``[T, h]``, or this
+        rank's token block with ``sp``) and the bias for skip_bias_add callers."""
+        a_local = self.input_size_per_tp_rank
         P, k, D = self.flashcomm2_tp_size, self.otp_size, self.odp_size
         # (1) No branch on the pad amount: under torch.compile the token count
         # is symbolic and a branch would specialise the graph on T % P.
@@ -324,6 +379,16 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
 
         # (2)+(3): chunk i -> ODP rank i; back: D chunks of [k*blk, a/P].
         send = permute_blocks_for_all_to_all(x, P, k)
+        series = getattr(self, "shared_weight_series", None)
+        int8_in = self.int8_input()
+        # A static input scale is one of the layer's processed tensors, so
+        # under o_shared it arrives with the weight: wait before quantizing.
+        wait_early = series is not None and int8_in is not None and not int8_in.per_token
+        if wait_early:
+            series.wait(self, send)
+        x_scale = None
+        if int8_in is not None:
+            send, x_scale = self._quantize_for_all_to_all(int8_in, send, chunk_rows)
         recv = all_to_all_dim0(send, self.flashcomm2_odp_group)
         x_shard = recv.view(D, chunk_rows, a_local).transpose(0, 1).reshape(
             chunk_rows, D * a_local
@@ -333,16 +398,20 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         bias = self.bias
         add_bias = bias is not None and not self.skip_bias_add
         fuse_bias = add_bias and k == 1
-        series = getattr(self, "shared_weight_series", None)
         if series is not None:
-            series.wait(self, x_shard)
+            if not wait_early:
+                series.wait(self, x_shard)
             if bias is not None:
                 # o_shared keeps the bias in the same ring slot as the weight:
                 # the prefetch below overwrites it, so keep a private copy for
                 # the add after the reduction and for skip_bias_add callers.
                 bias = bias.clone()
         # Rank-dependent terms (vllm-ascend's quant_bias) once per output sum.
-        out = apply_linear(self, x_shard, bias if fuse_bias else None)
+        if int8_in is None:
+            out = apply_linear(self, x_shard, bias if fuse_bias else None)
+        else:
+            out = int8_in.matmul(self, x_shard, x_scale, bias if fuse_bias else None,
+                                 x.dtype)
         if series is not None:
             series.prefetch_after(self, out)
 
@@ -354,16 +423,41 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         if not sp:
             # (7) back to every token on every rank, in token order.
             out = all_gather_dim0(out, self.flashcomm2_tp_group)
-            out = out[:num_tokens].reshape(*lead, self.output_size)
-
-        if not self.return_bias:
-            return out
+            out = out[:num_tokens]
         return out, (bias if self.skip_bias_add else None)
+
+    def forward_row_parallel(self, x: torch.Tensor, sp: bool) -> torch.Tensor:
+        """The small-batch side of adaptive FlashComm2 (``ops/adaptive_oproj.py``)."""
+        return row_parallel_forward(self, x, sp)
+
+
+    def int8_input(self) -> Int8Input | None:
+        """The int8 route the all-to-all takes, or None (activation dtype)."""
+        if not self.int8_all_to_all or self.odp_size == 1:
+            return None  # no all-to-all to shrink
+        return int8_input_of(self)
+
+    def _quantize_for_all_to_all(
+        self, int8_in: Int8Input, send: torch.Tensor, chunk_rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """int8 rows to send, and for per-token scales those of the rows
+        this rank gets back (its own chunk ``i``: every peer's chunk ``i``
+        holds the same tokens)."""
+        if not int8_in.per_token:
+            return int8_in.quantize_static(self, send), None
+        # The matmul's scale is a token's absmax over all a/k columns it
+        # multiplies; the ODP peers hold those columns between them.
+        absmax = all_reduce_max(per_token_absmax(send), self.flashcomm2_odp_group)
+        q, scale = quantize_per_token(send, absmax)
+        i = self.flashcomm2_odp_group.rank_in_group
+        return q, scale[i * chunk_rows:(i + 1) * chunk_rows]
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.input_size}, output_features={self.output_size}, "
             f"bias={self.bias is not None}, tp_size={self.flashcomm2_tp_size}, "
             f"otp_size={self.otp_size}, odp_size={self.odp_size}, "
-            f"sequence_parallel_output={self.sequence_parallel_output}"
+            f"sequence_parallel_output={self.sequence_parallel_output}, "
+            f"int8_all_to_all={self.int8_all_to_all}, "
+            f"adaptive_tokens={self.adaptive_tokens}"
         )
