@@ -85,7 +85,7 @@ SUPPORTED_LAYER_SHARDING: tuple[str, ...] = ("o_proj",)
 DEFAULT_PREFETCH_STEP = 1
 #: Adaptive FlashComm2's token threshold: see docs/flashcomm2.md "Adaptive
 #: FlashComm2" for the measurement it comes from.
-DEFAULT_ADAPTIVE_TOKENS = 64
+DEFAULT_ADAPTIVE_TOKENS = 1024
 
 _TRUE_WORDS = ("1", "true")
 _FALSE_WORDS = ("0", "false")
@@ -420,22 +420,20 @@ def validate_flashcomm2_config(cfg: FlashComm2Config, vllm_config: Any,
             f"({size_src}={_raw(cfg, 'parallel_size')!r}); set {ENV_PARALLEL_SIZE} "
             f"or {_ac(ADDITIONAL_CONFIG_PARALLEL_SIZE)} to an o_proj TP size >= 1",
         )
-    if (not cfg.enabled and cfg.int8_all_to_all
-            and cfg.sources.get("int8_all_to_all", "default") != "default"):
-        raise _bad(
-            _label(cfg, "int8_all_to_all", ENV_INT8_ALL_TO_ALL), _raw(cfg, "int8_all_to_all"),
-            f"the int8 all-to-all is part of FlashComm2, but FlashComm2 is off "
-            f"({size_src}={_raw(cfg, 'parallel_size')!r}); set an o_proj TP size >= 1 "
-            "or drop this setting",
-        )
-    if (not cfg.enabled and cfg.adaptive_tokens
-            and cfg.sources.get("adaptive_tokens", "default") != "default"):
-        raise _bad(
-            _label(cfg, "adaptive_tokens", ENV_ADAPTIVE_TOKENS), _raw(cfg, "adaptive_tokens"),
-            f"adaptive FlashComm2 switches between FlashComm2 and plain TP, but FlashComm2 "
-            f"is off ({size_src}={_raw(cfg, 'parallel_size')!r}); set an o_proj TP size "
-            ">= 1 or drop this setting",
-        )
+    # FlashComm2-only settings given explicitly (and "on") while it is off.
+    for name, env_name, what in (
+        ("int8_all_to_all", ENV_INT8_ALL_TO_ALL, "the int8 all-to-all is part of FlashComm2"),
+        ("adaptive_tokens", ENV_ADAPTIVE_TOKENS,
+         "adaptive FlashComm2 switches between FlashComm2 and plain TP"),
+    ):
+        if (not cfg.enabled and getattr(cfg, name)
+                and cfg.sources.get(name, "default") != "default"):
+            raise _bad(
+                _label(cfg, name, env_name), _raw(cfg, name),
+                f"{what}, but FlashComm2 is off ({size_src}="
+                f"{_raw(cfg, 'parallel_size')!r}); set an o_proj TP size >= 1 or drop "
+                "this setting",
+            )
     if not cfg.enabled:
         return
 

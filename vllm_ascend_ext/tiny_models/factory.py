@@ -240,16 +240,22 @@ def make_tiny_checkpoint(arch: str, out_dir: str | os.PathLike, *,
         save_file(state, str(shards[0]), metadata={"format": "pt"})
 
     # The saved config must describe the main model, not the MTP-extended build.
+    write_model_config(config, out, "float32")
+    marker.write_text(json.dumps(recipe))
+    return out
+
+
+def write_model_config(config: Any, out: Path, dtype: str) -> None:
+    """``config.json`` (with ``dtype``, not the deprecated ``torch_dtype``) and a
+    greedy ``generation_config.json`` next to a saved checkpoint."""
     config.save_pretrained(out)
     cfg_path = out / "config.json"
     cfg_json = json.loads(cfg_path.read_text())
     cfg_json.pop("torch_dtype", None)
-    cfg_json["dtype"] = "float32"
+    cfg_json["dtype"] = dtype
     cfg_path.write_text(json.dumps(cfg_json, indent=2, sort_keys=True))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False}, indent=2))
-    marker.write_text(json.dumps(recipe))
-    return out
 
 
 def default_cache_root() -> Path:
