@@ -48,6 +48,7 @@ CONFIGS = [
     ("FlashComm2 k=1", {**_FC2, _ADAPTIVE: "0"}),
     ("FlashComm2 k=1 + o_shared", {**_OSHARED, _ADAPTIVE: "0"}),
     # the default threshold (DEFAULT_ADAPTIVE_TOKENS): the flags a user sets
+    ("adaptive FlashComm2 k=1", dict(_FC2)),
     ("adaptive FlashComm2 k=1 + o_shared", dict(_OSHARED)),
 ]
 

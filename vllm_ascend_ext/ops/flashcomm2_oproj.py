@@ -430,7 +430,6 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         """The small-batch side of adaptive FlashComm2 (``ops/adaptive_oproj.py``)."""
         return row_parallel_forward(self, x, sp)
 
-
     def int8_input(self) -> Int8Input | None:
         """The int8 route the all-to-all takes, or None (activation dtype)."""
         if not self.int8_all_to_all or self.odp_size == 1:
