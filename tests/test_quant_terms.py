@@ -120,3 +120,152 @@ def test_quant_bias_once_per_output_sum_matches_plain_tp():
         assert r["plain_vs_math"] < 1e-4, r  # the reproduction adds quant_bias once
         assert r["k=1"] < 1e-4, r
         assert r["k=2"] < 1e-4, r
+
+
+# --------------------------------------------------------------------------
+# W8A8-static with an activation offset: int8 all-to-all and adaptive switch
+# --------------------------------------------------------------------------
+
+SCALE, OFFSET, THRESHOLD = 0.05, 7, 4
+
+
+def _quantize_standin(x, scale, scale_reciprocal, offset):
+    """vllm-ascend's ``torch.ops.vllm.quantize`` (``npu_quantize`` with per-
+    channel vectors): ``round(x * 1/s) + offset``, saturated to int8."""
+    q = torch.round(x.float() * scale_reciprocal.float()) + offset.float()
+    return q.clamp(-128, 127).to(torch.int8)
+
+
+class AscendW8A8LinearMethod:
+    """The W8A8-static scheme as vllm-ascend has it (``w8a8_static.py``): it
+    quantizes with vllm-ascend's op unless the input is int8 already, and adds
+    ``quant_bias`` (here ``-offset * sum(W)``, cancelling the offset) on
+    ``tp_rank == 0``."""
+
+    def apply(self, layer, x, bias, tp_rank):
+        if x.dtype != torch.int8:
+            x = torch.ops.vllm.quantize(x, layer.aclnn_input_scale,
+                                        layer.aclnn_input_scale_reciprocal,
+                                        layer.aclnn_input_offset)
+        y = x.float() @ layer.weight.float().t()
+        if tp_rank == 0:
+            y = y + layer.quant_bias
+        return y * SCALE
+
+
+def _offset_method_class():
+    from vllm.distributed import get_tensor_model_parallel_rank
+    from vllm.model_executor.layers.linear import LinearMethodBase, RowParallelLinear
+    from vllm.model_executor.utils import set_weight_attrs
+
+    class AscendLinearMethod(LinearMethodBase):
+        def __init__(self):
+            self.quant_method = AscendW8A8LinearMethod()
+
+        def create_weights(self, layer, input_size_per_partition, output_partition_sizes,
+                           input_size, output_size, params_dtype, **extra):
+            weight = torch.nn.Parameter(
+                torch.empty(sum(output_partition_sizes), input_size_per_partition,
+                            dtype=torch.int8), requires_grad=False)
+            set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0})
+            set_weight_attrs(weight, extra)
+            layer.register_parameter("weight", weight)
+            layer.register_parameter("quant_bias", torch.nn.Parameter(
+                torch.empty(sum(output_partition_sizes)), requires_grad=False))
+            # process_weights_after_loading's per-channel vectors, over K
+            k_cols = input_size_per_partition
+            for name, value in (("aclnn_input_scale", SCALE),
+                                ("aclnn_input_scale_reciprocal", 1 / SCALE),
+                                ("aclnn_input_offset", float(OFFSET))):
+                layer.register_parameter(name, torch.nn.Parameter(
+                    torch.full((k_cols,), value), requires_grad=False))
+
+        def process_weights_after_loading(self, layer):
+            pass
+
+        def apply(self, layer, x, bias=None):
+            tp_rank = get_tensor_model_parallel_rank() if isinstance(
+                layer, RowParallelLinear) else 0
+            return self.quant_method.apply(layer, x, bias, tp_rank)
+
+    return AscendLinearMethod
+
+
+def _offset_worker(rank, world_size):
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    import vllm_ascend_ext.ops.flashcomm2_oproj as op_mod
+    import vllm_ascend_ext.ops.int8_all_to_all as i8
+
+    lib = torch.library.Library("vllm", "FRAGMENT")  # noqa: TID251
+    if not hasattr(torch.ops.vllm, "quantize"):
+        lib.define("quantize(Tensor x, Tensor s, Tensor rs, Tensor o) -> Tensor")
+        lib.impl("quantize", _quantize_standin, "CPU")
+    # The Ascend route is chosen by device type "npu"; these layers live on CPU.
+    route = i8._ascend_route
+    i8.int8_input_of = op_mod.int8_input_of = route
+    with set_current_vllm_config(VllmConfig()):
+        return _offset_compare(rank, world_size)
+
+
+def _offset_compare(rank, world_size):
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    from vllm_ascend_ext.config import FlashComm2Config
+    from vllm_ascend_ext.distributed.parallel_state import (
+        destroy_flashcomm2_groups,
+        init_flashcomm2_groups,
+    )
+    from vllm_ascend_ext.ops.flashcomm2_oproj import FlashComm2RowParallelLinear
+
+    method_cls = _offset_method_class()
+
+    class QuantConfig:
+        online_quantization_config = None
+
+        def get_quant_method(self, layer, prefix):
+            return method_cls()
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randint(-20, 20, (H, A), generator=g, dtype=torch.int8)
+    quant_bias = -OFFSET * w.float().sum(dim=1)
+    a_l = A // world_size
+
+    def load(layer):
+        layer.weight.weight_loader(layer.weight, w)
+        layer.quant_bias.data.copy_(quant_bias)
+
+    plain = RowParallelLinear(A, H, bias=False, quant_config=QuantConfig(),
+                              prefix="model.layers.0.self_attn.o_proj")
+    load(plain)
+    out = {}
+    for k in (1, 2):
+        init_flashcomm2_groups(FlashComm2Config(parallel_size=k), dp_lockstep=False)
+        try:
+            layer = FlashComm2RowParallelLinear(
+                A, H, bias=False, quant_config=QuantConfig(), int8_all_to_all=True,
+                adaptive_tokens=THRESHOLD, prefix="model.layers.0.self_attn.o_proj")
+            load(layer)
+            for T in (2, THRESHOLD, 9):  # small side, small side, FlashComm2
+                x = torch.randn(T, A, generator=g)
+                x_local = x[:, rank * a_l:(rank + 1) * a_l]
+                ref = plain(x_local)[0]
+                exact = (torch.round(x / SCALE) @ w.float().t()) * SCALE
+                y = layer(x_local)[0]
+                out[f"k={k} T={T}"] = (float((y - ref).abs().max()),
+                                       float((ref - exact).abs().max()),
+                                       layer.int8_input().route)
+        finally:
+            destroy_flashcomm2_groups()
+    return out
+
+
+def test_offset_w8a8_static_int8_all_to_all_and_adaptive_small_side():
+    """An activation offset (a float zero quantizes to ``offset``): the int8
+    all-to-all and the switch's zero-padded small side equal plain TP. Before
+    the small side padded in int8, it was off by ``(P-1) * offset * sum(W)``."""
+    for rank, r in enumerate(run_distributed(_offset_worker, 4, tp_size=4, timeout=300)):
+        for case, (gap, plain_vs_exact, route) in r.items():
+            assert route == "ascend-static", (rank, case, route)
+            assert plain_vs_exact < 1e-3, (rank, case, plain_vs_exact)
+            assert gap < 1e-3, (rank, case, gap)

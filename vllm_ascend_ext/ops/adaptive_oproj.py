@@ -23,7 +23,9 @@ them depends on what the processed weight is (:func:`row_parallel_forward`):
   format, any other quant method): the input zero-padded to the shard's
   ``a/k`` columns through the layer's own ``quant_method.apply``. The zeros add
   exact zeros to every sum and leave per-token absmax scales unchanged, so the
-  result is the slice's; it reads the whole shard (no weight-bytes saving, but
+  result is the slice's (vllm-ascend's W8A8-static quantizes with an offset,
+  under which a float zero is not an int8 zero: there the slice is quantized
+  first and padded with int8 zeros, which its ``apply`` takes as is); it reads the whole shard (no weight-bytes saving, but
   still one all-reduce instead of two collectives). No weight is copied.
 
 Per-layer additive terms follow plain TP's rule on this side: TP rank 0 adds
@@ -164,6 +166,14 @@ def row_parallel_forward(layer: Any, x: torch.Tensor, sp: bool) -> torch.Tensor:
         x_q, x_s, _ = ops.onednn_scaled_int8_quant(x.contiguous(), i_s, None, True)
         out = plain_int8_matmul(layer, kernel, x_q, x_s, bias, x.dtype, k_rows=(lo, hi))
     else:
+        from vllm_ascend_ext.ops import int8_all_to_all
+
+        int8_in = int8_all_to_all.int8_input_of(layer)
+        if int8_in is not None and int8_in.route == "ascend-static":
+            # vllm-ascend quantizes with an offset: a float zero would become
+            # ``offset`` on every rank, which plain TP's quant_bias (rank 0
+            # only) cancels once. Quantize this rank's columns; pad in int8.
+            x = int8_in.quantize_static(layer, x)
         padded = x.new_zeros(x.shape[0], layer.input_size_per_partition)
         padded[:, lo:hi] = x
         out = _apply_as_plain_tp(layer, padded, bias)
