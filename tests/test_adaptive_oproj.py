@@ -211,6 +211,20 @@ def _w8a8_worker(rank, world_size):
                             "route": route,
                             "max_diff": float((y.float() - want.float()).abs().max()),
                             "scale": float(want.float().abs().max())})
+    # Asymmetric dynamic activations (a zero point per token): adaptive keeps
+    # the oneDNN handle (the plain-int8 route is for symmetric ones) and the
+    # small side pads the input, which the kernel's zero-point term handles.
+    tp_ref = _w8a8_layer("dynamic", False, False, w_q, w_s, None, cls=RowParallelLinear,
+                         symmetric=False)
+    layer = _w8a8_layer("dynamic", True, False, w_q, w_s, None, symmetric=False,
+                        sliceable=True, adaptive_tokens=THRESHOLD)
+    for T in (1, 4, 8):
+        x = (torch.randn(T, QA // world_size, generator=g) * (1 + rank)).to(torch.bfloat16)
+        y, want = layer(x)[0], tp_ref(x)[0]
+        out.append({"case": f"dynamic asymmetric oneDNN T={T}",
+                    "route": small_side_route(layer),
+                    "max_diff": float((y.float() - want.float()).abs().max()),
+                    "scale": float(want.float().abs().max())})
     return out
 
 

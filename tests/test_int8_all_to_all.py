@@ -54,9 +54,10 @@ A, H = 256, 128  # o_proj input (heads x v_head_dim) and output sizes
 
 
 def _w8a8_layer(activations, int8_a2a, plain_route, w_q, w_s, in_scale, *,
-                cls=None, **kwargs):
+                cls=None, symmetric=True, sliceable=False, **kwargs):
     """A real compressed-tensors W8A8 o_proj (FlashComm2's, or ``cls``) with
-    ``w_q``/``w_s``/``in_scale`` loaded and processed as in a bf16 engine."""
+    ``w_q``/``w_s``/``in_scale`` loaded and processed as in a bf16 engine
+    (``sliceable``: the model install's post-load under adaptive FlashComm2)."""
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
         CompressedTensorsConfig,
@@ -66,7 +67,9 @@ def _w8a8_layer(activations, int8_a2a, plain_route, w_q, w_s, in_scale, *,
     from vllm_ascend_ext.ops.flashcomm2_oproj import FlashComm2RowParallelLinear
     from vllm_ascend_ext.tiny_models.w8a8 import quantization_config
 
-    qc = CompressedTensorsConfig.from_config(quantization_config("Qwen3ForCausalLM", activations))
+    qcfg = quantization_config("Qwen3ForCausalLM", activations)
+    qcfg["config_groups"]["group_0"]["input_activations"]["symmetric"] = symmetric
+    qc = CompressedTensorsConfig.from_config(qcfg)
     prefix = "model.layers.0.self_attn.o_proj"
     if cls is None:
         cls = FlashComm2RowParallelLinear
@@ -78,6 +81,10 @@ def _w8a8_layer(activations, int8_a2a, plain_route, w_q, w_s, in_scale, *,
         param = getattr(layer, name, None)
         if param is not None and value is not None:
             param.weight_loader(param, value)
+    if sliceable:
+        from vllm_ascend_ext.models.flashcomm2_install import keep_weight_sliceable
+
+        keep_weight_sliceable(layer, prefix)
     post = layer.quant_method.process_weights_after_loading
     if plain_route:  # what o_shared does for its members on this kernel route
         post = keep_int8_weight_plain(layer, post, prefix)

@@ -242,11 +242,15 @@ def keep_weight_sliceable(layer: nn.Module, name: str) -> None:
     if not current_platform.is_cpu():
         return
     from vllm_ascend_ext.compat import keep_cpu_linear_weight_plain
-    from vllm_ascend_ext.ops.cpu_int8 import keep_int8_weight_plain
+    from vllm_ascend_ext.ops.cpu_int8 import int8_kernel_of, keep_int8_weight_plain
 
     method = layer.quant_method
     post = keep_cpu_linear_weight_plain(layer, method.process_weights_after_loading)
-    post = keep_int8_weight_plain(layer, post, name)
+    kernel = int8_kernel_of(layer)
+    if kernel is None or kernel.config.input_symmetric:
+        # Asymmetric int8 keeps its oneDNN handle: the small side then pads
+        # the input, which the kernel's zero-point correction handles per rank.
+        post = keep_int8_weight_plain(layer, post, name)
     if post is not method.process_weights_after_loading:
         method.process_weights_after_loading = post
 
