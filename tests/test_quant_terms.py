@@ -61,6 +61,18 @@ def _ascend_linear_method_class():
     return AscendLinearMethod
 
 
+def _quant_config_class(method_cls):
+    """A quant config that gives every linear layer a fresh ``method_cls``."""
+
+    class QuantConfig:
+        online_quantization_config = None  # read by vLLM 0.32's resolve_quant_method
+
+        def get_quant_method(self, layer, prefix):
+            return method_cls()
+
+    return QuantConfig
+
+
 def _worker(rank, world_size):
     from vllm.config import VllmConfig, set_current_vllm_config
 
@@ -78,13 +90,7 @@ def _compare(rank, world_size):
     )
     from vllm_ascend_ext.ops.flashcomm2_oproj import FlashComm2RowParallelLinear
 
-    method_cls = _ascend_linear_method_class()
-
-    class QuantConfig:
-        online_quantization_config = None  # read by vLLM 0.32's resolve_quant_method
-
-        def get_quant_method(self, layer, prefix):
-            return method_cls()
+    QuantConfig = _quant_config_class(_ascend_linear_method_class())
 
     g = torch.Generator().manual_seed(7)
     w, qb = torch.randn(H, A, generator=g), torch.randn(H, generator=g)
@@ -218,13 +224,7 @@ def _offset_compare(rank, world_size):
     )
     from vllm_ascend_ext.ops.flashcomm2_oproj import FlashComm2RowParallelLinear
 
-    method_cls = _offset_method_class()
-
-    class QuantConfig:
-        online_quantization_config = None
-
-        def get_quant_method(self, layer, prefix):
-            return method_cls()
+    QuantConfig = _quant_config_class(_offset_method_class())
 
     g = torch.Generator().manual_seed(11)
     w = torch.randint(-20, 20, (H, A), generator=g, dtype=torch.int8)
