@@ -431,10 +431,20 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         return row_parallel_forward(self, x, sp)
 
     def int8_input(self) -> Int8Input | None:
-        """The int8 route the all-to-all takes, or None (activation dtype)."""
+        """The int8 route the all-to-all takes, or None (activation dtype).
+
+        Read from the processed quant method on the first eager call and
+        kept: it cannot change after loading, and the eager forward path
+        (o_shared, Ascend) should not rebuild it per layer and step. While
+        torch.compile traces, it is only read (the graph bakes it in)."""
         if not self.int8_all_to_all or self.odp_size == 1:
             return None  # no all-to-all to shrink
-        return int8_input_of(self)
+        if "_int8_input" in self.__dict__:
+            return self.__dict__["_int8_input"]
+        route = int8_input_of(self)
+        if not torch.compiler.is_compiling():
+            self.__dict__["_int8_input"] = route
+        return route
 
     def _quantize_for_all_to_all(
         self, int8_in: Int8Input, send: torch.Tensor, chunk_rows: int
