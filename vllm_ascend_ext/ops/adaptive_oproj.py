@@ -123,13 +123,36 @@ def _apply_as_plain_tp(layer: Any, x: torch.Tensor, bias: torch.Tensor | None) -
     return method.apply(layer, x, bias)
 
 
+def _small_side(layer: Any) -> tuple[str, Any]:
+    """(route, what it needs): the plain weight, the CPU int8 kernel, or for
+    the zero-padded input vllm-ascend's static quantizer (else None).
+
+    Fixed once the weights are processed; kept on the layer after the first
+    call, which always runs eagerly (inside the custom op, or introspection)."""
+    cached = layer.__dict__.get("_small_side")
+    if cached is not None:
+        return cached
+    weight = _plain_weight(layer)
+    if weight is not None:
+        side = (SMALL_SIDE_ROUTES[0], weight)
+    elif (kernel := _plain_int8_route(layer)) is not None:
+        side = (SMALL_SIDE_ROUTES[1], kernel)
+    else:
+        from vllm_ascend_ext.ops.int8_all_to_all import int8_input_of
+
+        # vllm-ascend quantizes with an offset: a float zero would become
+        # ``offset`` on every rank, which plain TP's quant_bias (rank 0
+        # only) cancels once. Quantize this rank's columns; pad in int8.
+        int8_in = int8_input_of(layer)
+        static = int8_in if int8_in is not None and int8_in.route == "ascend-static" else None
+        side = (SMALL_SIDE_ROUTES[2], static)
+    layer.__dict__["_small_side"] = side
+    return side
+
+
 def small_side_route(layer: Any) -> str:
     """Which of :data:`SMALL_SIDE_ROUTES` ``layer``'s processed weight allows."""
-    if _plain_weight(layer) is not None:
-        return SMALL_SIDE_ROUTES[0]
-    if _plain_int8_route(layer) is not None:
-        return SMALL_SIDE_ROUTES[1]
-    return SMALL_SIDE_ROUTES[2]
+    return _small_side(layer)[0]
 
 
 def row_parallel_forward(layer: Any, x: torch.Tensor, sp: bool) -> torch.Tensor:
@@ -153,27 +176,18 @@ def row_parallel_forward(layer: Any, x: torch.Tensor, sp: bool) -> torch.Tensor:
     if bias is not None and series is not None:
         bias = bias.clone()  # lives in the ring slot the prefetch refills
 
-    weight = _plain_weight(layer)
-    kernel = None if weight is not None else _plain_int8_route(layer)
-    if weight is not None:
-        out = F.linear(x, weight[:, lo:hi], bias)
-    elif kernel is not None:
-        from vllm import _custom_ops as ops
+    route, needs = _small_side(layer)
+    if route == SMALL_SIDE_ROUTES[0]:
+        # ``needs`` is the parameter itself: under o_shared, a view of the
+        # ring slot whose contents the wait above made this layer's.
+        out = F.linear(x, needs[:, lo:hi], bias)
+    elif route == SMALL_SIDE_ROUTES[1]:
+        from vllm_ascend_ext.ops.cpu_int8 import plain_int8_linear
 
-        from vllm_ascend_ext.ops.cpu_int8 import plain_int8_matmul
-
-        i_s = getattr(layer, kernel.layer_param_names[2], None)
-        x_q, x_s, _ = ops.onednn_scaled_int8_quant(x.contiguous(), i_s, None, True)
-        out = plain_int8_matmul(layer, kernel, x_q, x_s, bias, x.dtype, k_rows=(lo, hi))
+        out = plain_int8_linear(layer, needs, x, bias, k_rows=(lo, hi))
     else:
-        from vllm_ascend_ext.ops import int8_all_to_all
-
-        int8_in = int8_all_to_all.int8_input_of(layer)
-        if int8_in is not None and int8_in.route == "ascend-static":
-            # vllm-ascend quantizes with an offset: a float zero would become
-            # ``offset`` on every rank, which plain TP's quant_bias (rank 0
-            # only) cancels once. Quantize this rank's columns; pad in int8.
-            x = int8_in.quantize_static(layer, x)
+        if needs is not None:
+            x = needs.quantize_static(layer, x)
         padded = x.new_zeros(x.shape[0], layer.input_size_per_partition)
         padded[:, lo:hi] = x
         out = _apply_as_plain_tp(layer, padded, bias)
@@ -203,11 +217,13 @@ def _adaptive_oproj(x: torch.Tensor, layer_key: str, sequence_parallel: bool) ->
 
 def _adaptive_oproj_fake(x: torch.Tensor, layer_key: str,
                          sequence_parallel: bool) -> torch.Tensor:
+    from vllm_ascend_ext.ops.flashcomm2_oproj import padded_token_count
+
     layer = lookup_adaptive_layer(layer_key)
     rows = x.shape[0]
     if sequence_parallel:
         P = layer.flashcomm2_tp_size
-        rows = (rows + P - 1) // P
+        rows = padded_token_count(rows, P) // P
     return x.new_empty((rows, layer.output_size))
 
 

@@ -111,13 +111,17 @@ def _process_plain(layer: nn.Module, kernel: Any) -> None:
 
 
 def plain_int8_linear(layer: nn.Module, kernel: Any, x: torch.Tensor,
-                      bias: torch.Tensor | None) -> torch.Tensor:
+                      bias: torch.Tensor | None,
+                      k_rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """vLLM's per-token (or static) int8 quantization of ``x``, then
+    :func:`plain_int8_matmul` (``k_rows``: the weight rows ``x``'s columns meet)."""
     from vllm import _custom_ops as ops
 
     i_s = getattr(layer, kernel.layer_param_names[2], None)
     shape = x.shape
-    x_q, x_s, _ = ops.onednn_scaled_int8_quant(x.reshape(-1, shape[-1]), i_s, None, True)
-    out = plain_int8_matmul(layer, kernel, x_q, x_s, bias, x.dtype)
+    x_q, x_s, _ = ops.onednn_scaled_int8_quant(
+        x.reshape(-1, shape[-1]).contiguous(), i_s, None, True)
+    out = plain_int8_matmul(layer, kernel, x_q, x_s, bias, x.dtype, k_rows)
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
