@@ -163,8 +163,11 @@ def check_no_stale_o_proj(replaced: dict[str, weakref.ref]) -> None:
 
 def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | None:
     from vllm_ascend_ext.config import get_flashcomm2_config
+    from vllm_ascend_ext.distributed.settings_agreement import agree_on_settings
 
-    cfg = get_flashcomm2_config(vllm_config)
+    # Every rank agrees first, also one whose flags say FlashComm2 is off: a
+    # host with other flags would otherwise build other groups and hang.
+    cfg = get_flashcomm2_config(vllm_config, agree=agree_on_settings)
     if not cfg.enabled:
         return None
 
