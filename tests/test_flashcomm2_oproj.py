@@ -240,7 +240,7 @@ def _run_config(res, *, tag, seed, k, dtype, oshared, bias, t_values, start_laye
     from vllm.model_executor.layers.linear import RowParallelLinear
 
     from vllm_ascend_ext.distributed.parallel_state import get_flashcomm2_oshared_group
-    from vllm_ascend_ext.ops.shared_weight import SharedWeightSeries
+    from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
 
     name = f"{tag} k={k} {str(dtype)[6:]} oshared={int(oshared)} bias={int(bias)}"
     a_l = A // P
