@@ -36,11 +36,8 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from vllm_ascend_ext.ops.flashcomm2_oproj import (
-    FlashComm2RowParallelLinear,
-    flashcomm2_plan,
-    permute_blocks_for_all_to_all,
-)
+from vllm_ascend_ext.ops.flashcomm2_oproj import FlashComm2RowParallelLinear
+from vllm_ascend_ext.ops.flashcomm2_plan import flashcomm2_plan, permute_blocks_for_all_to_all
 
 A = 128  # o_proj input features (heads x v_head_dim)
 H = 96  # hidden size

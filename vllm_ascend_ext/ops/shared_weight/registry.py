@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from vllm_ascend_ext.ops.shared_weight.errors import SharedWeightError
 
-if TYPE_CHECKING:
-    from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
+__all__ = ["RegisteredSeries", "SharedWeightRegistry", "shared_weight_registry"]
 
-__all__ = ["SharedWeightRegistry", "shared_weight_registry"]
+
+class RegisteredSeries(Protocol):
+    """What the registry and the ops need of a series (``series.SharedWeightSeries``;
+    a protocol, so this module does not import the series that imports it)."""
+
+    name: str
+
+    def ring_for(self, position: int) -> Any: ...
+
+    def close(self) -> None: ...
 
 
 class SharedWeightRegistry:
     """Name -> series map the custom ops use to find a series from plain args."""
 
     def __init__(self) -> None:
-        self._series: dict[str, SharedWeightSeries] = {}
+        self._series: dict[str, RegisteredSeries] = {}
 
-    def register(self, series: SharedWeightSeries) -> None:
+    def register(self, series: RegisteredSeries) -> None:
         if series.name in self._series:
             raise SharedWeightError(
                 f"a shared-weight series named {series.name!r} is already "
@@ -29,7 +37,7 @@ class SharedWeightRegistry:
     def unregister(self, name: str) -> None:
         self._series.pop(name, None)
 
-    def get(self, name: str) -> SharedWeightSeries:
+    def get(self, name: str) -> RegisteredSeries:
         try:
             return self._series[name]
         except KeyError:
@@ -38,7 +46,7 @@ class SharedWeightRegistry:
                 "(closed, or never created)"
             ) from None
 
-    def find(self, name: str) -> SharedWeightSeries | None:
+    def find(self, name: str) -> RegisteredSeries | None:
         return self._series.get(name)
 
     def clear(self) -> None:
