@@ -184,7 +184,7 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
     hf_config = vllm_config.model_config.hf_text_config
     state = FlashComm2ModelState(config=cfg)
     if cfg.oshared:
-        from vllm_ascend_ext.ops.shared_weight import SharedWeightSeries
+        from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
 
         state.series = SharedWeightSeries(
             name=f"o_proj.pp{get_pp_group().rank_in_group}.{next(_series_ids)}",
