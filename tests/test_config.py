@@ -307,3 +307,25 @@ def test_real_vllm_config(tiny_model, monkeypatch, caplog):
     monkeypatch.setenv(ENV_PREFETCH_STEP, str(n))
     with pytest.raises(FlashComm2ConfigError, match=rf"must be in \[0, {n - 1}\]"):
         get_flashcomm2_config(vllm_config)
+
+
+@pytest.mark.parametrize("role,refused", [("kv_consumer", True), ("kv_producer", False),
+                                          ("kv_both", False)])
+def test_oshared_on_a_decode_only_instance_is_refused(role, refused):
+    """A real KVTransferConfig: o_shared on a kv_consumer (decode) instance only
+    adds memory (every step is small), so start-up stops naming kv_role."""
+    from vllm.config import KVTransferConfig
+
+    vcfg = _vllm_config(tp=2, eager=True)
+    vcfg.kv_transfer_config = KVTransferConfig(kv_connector="ExampleConnector", kv_role=role)
+    cfg = parse_flashcomm2_config({ENV_PARALLEL_SIZE: "1", ENV_OSHARED: "1"}, {})
+    if refused:
+        with pytest.raises(FlashComm2ConfigError,
+                           match=r"VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED='1' is invalid: .*"
+                                 r"kv_role='kv_consumer'"):
+            validate_flashcomm2_config(cfg, vcfg, env={})
+    else:
+        validate_flashcomm2_config(cfg, vcfg, env={})
+    # FlashComm2 alone (with its switch) stays allowed on a decode instance.
+    validate_flashcomm2_config(parse_flashcomm2_config({ENV_PARALLEL_SIZE: "1"}, {}), vcfg,
+                               env={})

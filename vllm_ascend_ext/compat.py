@@ -77,3 +77,22 @@ def sequence_parallel_pass_setting(compilation_config) -> str | None:
         if getattr(pass_config, name, None):
             return f"compilation_config.pass_config.{name}=True"
     return None
+
+
+# --- DP token counts of the current forward pass ------------------------------
+#
+# vLLM 0.27.1 and 0.32.0: ``get_forward_context().dp_metadata`` is a
+# ``DPMetadata`` with ``num_tokens_across_dp_cpu`` (one count per DP rank)
+# when DP > 1, else None.
+
+
+def max_tokens_across_dp() -> int | None:
+    """The largest batch of any DP rank in this forward pass, or None when
+    the forward context carries no DP counts."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    meta = getattr(get_forward_context(), "dp_metadata", None)
+    counts = getattr(meta, "num_tokens_across_dp_cpu", None)
+    return None if counts is None else int(counts.max())

@@ -484,6 +484,16 @@ def validate_flashcomm2_config(cfg: FlashComm2Config, vllm_config: Any,
         )
 
     if cfg.oshared:
+        kv_role = getattr(getattr(vllm_config, "kv_transfer_config", None), "kv_role", None)
+        if kv_role == "kv_consumer":
+            raise _bad(
+                oshared_src, _raw(cfg, "oshared"),
+                "o_shared is for instances that prefill: on a decode-only instance "
+                "(kv_transfer_config.kv_role='kv_consumer') every step is small, runs "
+                "plain TP's resident slice and never uses the shared o_proj, so o_shared "
+                "only adds memory; turn it off on the decode nodes (FlashComm2 and its "
+                "adaptive switch may stay on) and keep it on the prefill nodes",
+            )
         mode = graph_capture_mode(vllm_config)
         if mode is not None:
             raise _bad(

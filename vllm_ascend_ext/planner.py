@@ -59,6 +59,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_ascend_ext.config import DEFAULT_ADAPTIVE_TOKENS
+
 GIB = 1 << 30
 MIB = 1 << 20
 
@@ -172,6 +174,9 @@ class PlanInputs:
     latency_us: float = DEFAULT_LATENCY_US
     layer_compute_us: float | None = None  # stated compute time of one layer
     tokens: tuple[int, ...] = DEFAULT_TOKENS
+    # adaptive FlashComm2's threshold (0 = off): with it on, o_shared keeps
+    # plain TP's slice of every layer resident for the small passes
+    adaptive_tokens: int = DEFAULT_ADAPTIVE_TOKENS
 
 
 def pp_stages(num_layers: int, pp: int) -> list[tuple[int, int]]:
@@ -410,6 +415,11 @@ def plan(shape: ModelShape, x: PlanInputs) -> dict[str, Any]:
             "upstream_bytes": worst.upstream_bytes,
             "floor_bytes": worst.floor_bytes,
             "saved_bytes": worst.replicated_bytes - worst.ours_max_bytes,
+            # what o_shared holds per rank as configured: the series, plus the
+            # resident row-parallel slices (L * a/P * h) when the switch is on
+            "resident_slice_bytes": worst.plain_tp_bytes if x.adaptive_tokens else 0,
+            "ours_total_bytes": worst.ours_max_bytes
+            + (worst.plain_tp_bytes if x.adaptive_tokens else 0),
             "stages": [asdict(st) for st in stages],
         },
         "timing": timing,
@@ -515,6 +525,9 @@ def format_text(p: dict[str, Any]) -> str:
         f"  o_shared, upstream's ring         {_gib(mem['upstream_bytes']):>12}"
         "   (ceil(L/n)W + (s+1)W)",
         f"  floor L*W/n                       {_gib(mem['floor_bytes']):>12}",
+        f"  o_shared + resident slices        {_gib(mem['ours_total_bytes']):>12}"
+        + (f"   (adaptive at <= {x['adaptive_tokens']} tokens: small passes run plain "
+           "TP's slice, no broadcast)" if x["adaptive_tokens"] else "   (adaptive off)"),
     ]
     for st in mem["stages"]:
         worst = max(st["ranks"], key=lambda r: r["resident_bytes"])
@@ -589,6 +602,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     help="compute time of one decoder layer at your batch size")
     ap.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS),
                     help="tokens per step to tabulate traffic for")
+    ap.add_argument("--adaptive-tokens", type=int, default=PlanInputs.adaptive_tokens,
+                    help="adaptive FlashComm2 threshold (0 = off); on, o_shared also keeps "
+                         "plain TP's slice of every layer")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     ap.set_defaults(func=run)
     return ap
@@ -605,7 +621,7 @@ def run(args: argparse.Namespace) -> int:
             act_dtype=args.act_dtype, int8_all_to_all=args.int8_all_to_all,
             link_gbps=args.link_gbps,
             latency_us=args.latency_us, layer_compute_us=args.layer_compute_us,
-            tokens=tuple(args.tokens),
+            tokens=tuple(args.tokens), adaptive_tokens=args.adaptive_tokens,
         ))
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)

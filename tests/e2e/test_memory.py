@@ -52,20 +52,30 @@ def test_oshared_resident_bytes_are_owned_plus_ring(arch, step, engines, tiny_mo
               f"floor {L * W / n:.0f} B, plain-TP shard {L * W // 2} B")
 
 
-def test_adaptive_switch_holds_no_extra_weight_bytes(engines, tiny_model):
-    """The switch's small side reads a view of the weights FlashComm2 holds:
-    with it on, every rank's o_proj storages are byte for byte what they are
-    with it off (o_shared: owned + ring), and FlashComm2 alone holds exactly
-    the full o_proj per layer (kept a plain tensor on CPU, not a copy)."""
+def test_adaptive_switch_adds_exactly_the_resident_slices(engines, tiny_model):
+    """With the switch on, o_shared keeps its series byte for byte (owned +
+    ring) and adds plain TP's slice of every layer for the small passes: the
+    planner's figure. FlashComm2 alone holds exactly the full o_proj per layer
+    (the small side reads a view of it: kept a plain tensor on CPU, not a copy)."""
+    from vllm_ascend_ext.planner import PlanInputs, load_model_shape, plan
+
     arch = "Qwen3ForCausalLM"
     model_dir = tiny_model(arch)
     L = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     W = _layer_bytes(model_dir)
     off = engines.run(arch, tp=2, env=flashcomm2_flags(1, True, 1)).rpc[MEMORY_RPC]
     on = engines.run(arch, tp=2, env=flashcomm2_flags(1, True, 1, adaptive=8)).rpc[MEMORY_RPC]
+    planned = plan(load_model_shape(str(model_dir)),
+                   PlanInputs(tp=2, weight_dtype="fp32", act_dtype="fp32",
+                              adaptive_tokens=8))["memory"]
     for rank in range(2):
         assert on[rank]["o_proj_storage_bytes"] == off[rank]["o_proj_storage_bytes"], rank
         assert on[rank]["series_report"] == off[rank]["series_report"], rank
+        assert off[rank]["o_proj_resident_slice_bytes"] == 0
+        assert on[rank]["o_proj_resident_slice_bytes"] == L * W // 2
+        assert on[rank]["o_proj_resident_slice_bytes"] == planned["resident_slice_bytes"]
+    assert max(w["series_report"]["resident_bytes"] + w["o_proj_resident_slice_bytes"]
+               for w in on) == planned["ours_total_bytes"]
     fc2 = engines.run(arch, tp=2, env=flashcomm2_flags(1, adaptive=8)).rpc[MEMORY_RPC]
     for rank in range(2):
         assert fc2[rank]["o_proj_storage_bytes"] == L * W, fc2[rank]

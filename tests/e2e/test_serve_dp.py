@@ -41,6 +41,10 @@ from vllm_ascend_ext.local_server import VllmServer, process_group_alive
 MOE_ARCH = "DeepseekV3ForCausalLM"
 DENSE_ARCH = "Qwen3ForCausalLM"
 OSHARED = flashcomm2_flags(1, oshared=True)
+# MoE: the adaptive switch on, so prefill steps run FlashComm2 and decode
+# steps plain TP's resident slices, while the idle replica's 1-token dummy
+# batches follow the busy replica's side (the largest batch across DP).
+MOE_OSHARED = flashcomm2_flags(1, oshared=True, adaptive=8)
 BURST = 8
 
 
@@ -105,7 +109,7 @@ def test_moe_dp2_flags_off_matches_dp1(engines, dp_runs):
 
 
 def test_moe_dp2_oshared_spans_replicas_and_matches_flags_off(engines, dp_runs):
-    run = dp_runs(MOE_ARCH, OSHARED)
+    run = dp_runs(MOE_ARCH, MOE_OSHARED)
     # One o_shared group of 4 ranks across both replicas, reported by each rank.
     assert run.log.count("o_shared [0, 1, 2, 3] (spans 2 DP replicas in lockstep)") == 4
     # Memory: 5 hidden layers over 4 ranks -> rank 0 owns 2 (layers 0 and 4),

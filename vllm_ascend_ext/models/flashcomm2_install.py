@@ -103,8 +103,9 @@ class StaleOProjReference(RuntimeError):
     """Something we do not know how to rewire still holds a replaced o_proj."""
 
 
-def _holder_names(obj: object) -> list[str]:
-    """Readable names of what still references ``obj`` (for the error).
+def _holder_names(obj: object, expected: object = None) -> list[str]:
+    """Readable names of what still references ``obj`` (for the error),
+    leaving out ``expected`` (a holder we put there on purpose).
 
     Plain loops on purpose: a comprehension mentioning ``obj`` would close
     over it, and that closure cell would show up as one more holder."""
@@ -115,6 +116,8 @@ def _holder_names(obj: object) -> list[str]:
     for ref in gc.get_referrers(obj):
         if isinstance(ref, types.FrameType):
             continue  # the caller's own frame
+        if expected is not None and ref is expected:
+            continue
         if isinstance(ref, types.MethodType) and ref.__self__ is obj:
             continue  # its own bound methods (e.g. parameters' weight_loader)
         owner, attrs = ref, getattr(ref, "__dict__", None)
@@ -138,18 +141,28 @@ def _holder_names(obj: object) -> list[str]:
     return names
 
 
-def check_no_stale_o_proj(replaced: dict[str, weakref.ref]) -> None:
+def check_no_stale_o_proj(replaced: dict[str, weakref.ref],
+                          kept_by: dict[str, nn.Module] | None = None) -> None:
     """Every replaced o_proj must be gone once the swap is done: a survivor
     is still referenced somewhere, and a forward through that reference
-    would run weights that are never loaded (silent garbage)."""
+    would run weights that are never loaded (silent garbage).
+
+    ``kept_by[name]``: the FlashComm2 layer that keeps the old o_proj as its
+    resident slice (``ops/resident_slice.py``); that one holder is expected,
+    and loaded, and any other is still stale."""
     import gc
 
     gc.collect()
+    kept_by = kept_by or {}
     lines = []
     for name, ref in replaced.items():
         if ref() is None:
             continue
-        holders = _holder_names(ref())  # no other strong reference on this frame
+        keeper = kept_by.get(name)
+        expected = keeper._modules if keeper is not None else None
+        holders = _holder_names(ref(), expected)  # no other strong reference on this frame
+        if keeper is not None and not holders:
+            continue
         lines.append(f"{name}: held by {', '.join(holders) or 'an unknown object'}")
     if lines:
         raise StaleOProjReference(
@@ -178,9 +191,10 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
         get_flashcomm2_oshared_group,
         init_flashcomm2_groups,
     )
-    from vllm_ascend_ext.ops.flashcomm2_oproj import FlashComm2RowParallelLinear
+    from vllm_ascend_ext.ops.resident_slice import resident_slice_of
 
-    init_flashcomm2_groups(cfg, dp_lockstep=dp_replicas_in_lockstep(vllm_config))
+    dp_lockstep = dp_replicas_in_lockstep(vllm_config)
+    init_flashcomm2_groups(cfg, dp_lockstep=dp_lockstep)
     hf_config = vllm_config.model_config.hf_text_config
     state = FlashComm2ModelState(config=cfg)
     if cfg.oshared:
@@ -193,46 +207,72 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
         )
 
     replaced: dict[str, weakref.ref] = {}
+    kept_by: dict[str, nn.Module] = {}
     sites = list(_o_proj_sites(model, hf_config.num_hidden_layers))
     while sites:
         # Popped, not iterated: each old o_proj is freed as soon as it is
         # replaced, and none is still held when check_no_stale_o_proj runs.
         name, layer_idx, old = sites.pop(0)
-        new = FlashComm2RowParallelLinear(
-            input_size=old.input_size,
-            output_size=old.output_size,
-            bias=old.bias is not None,
-            skip_bias_add=old.skip_bias_add,
-            params_dtype=old.params_dtype,
-            quant_config=old.quant_config,
-            prefix=old.prefix or name,
-            return_bias=old.return_bias,
-            int8_all_to_all=cfg.int8_all_to_all,
-            adaptive_tokens=cfg.adaptive_tokens,
-        )
+        new = flashcomm2_o_proj_for(old, cfg, name)
         if replace_module(model, old, new) == 0:
             raise RuntimeError(f"could not place the FlashComm2 o_proj at {name}")
         if state.series is not None:
             # Registered right away, so a non-owned layer's full weight is
             # released before the next layer's is allocated.
-            state.series.add_layer(new, layer_idx)
+            join_series(new, old, cfg, state.series, layer_idx, dp_lockstep)
+            if resident_slice_of(new) is not None:
+                kept_by[name] = new
         elif cfg.adaptive_tokens:
             keep_weight_sliceable(new, name)
         state.o_proj_prefixes.append(name)
         replaced[name] = weakref.ref(old)
         del old
-    check_no_stale_o_proj(replaced)
+    check_no_stale_o_proj(replaced, kept_by)
 
     atexit.register(state.close)
     if not state.o_proj_prefixes:
         logger.warning("FlashComm2 is on but this pipeline stage has no hidden-layer o_proj.")
     logger.info(
         "[vllm_ascend_ext] FlashComm2 o_proj installed on %d layers (o_proj TP size %d, "
-        "o_shared %s, prefetch step %d, plain row-parallel at <= %d tokens)",
+        "o_shared %s, prefetch step %d, plain row-parallel at <= %d tokens%s)",
         len(state.o_proj_prefixes), cfg.parallel_size, "on" if cfg.oshared else "off",
         cfg.prefetch_step, cfg.adaptive_tokens,
+        f"; resident row-parallel slices on {len(kept_by)} layers: small passes move no "
+        "o_shared bytes" if kept_by else "",
     )
     return state
+
+
+def flashcomm2_o_proj_for(old: nn.Module, cfg, name: str) -> nn.Module:
+    """The FlashComm2 o_proj that replaces vLLM's ``old`` (not yet loaded)."""
+    from vllm_ascend_ext.ops.flashcomm2_oproj import FlashComm2RowParallelLinear
+
+    return FlashComm2RowParallelLinear(
+        input_size=old.input_size,
+        output_size=old.output_size,
+        bias=old.bias is not None,
+        skip_bias_add=old.skip_bias_add,
+        params_dtype=old.params_dtype,
+        quant_config=old.quant_config,
+        prefix=old.prefix or name,
+        return_bias=old.return_bias,
+        int8_all_to_all=cfg.int8_all_to_all,
+        adaptive_tokens=cfg.adaptive_tokens,
+    )
+
+
+def join_series(new: nn.Module, old: nn.Module, cfg, series, layer_idx: int,
+                dp_lockstep: bool = False) -> None:
+    """Register ``new`` in the o_shared ``series``; under the adaptive switch
+    keep vLLM's ``old`` o_proj as its resident slice, so that small passes
+    run plain TP's own layer and never read the ring."""
+    series.add_layer(new, layer_idx)
+    if cfg.adaptive_tokens:
+        from vllm_ascend_ext.ops.resident_slice import attach_resident_slice
+
+        attach_resident_slice(new, old)
+        # Every member of the group must take one side per pass.
+        new.adaptive_dp_wide = dp_lockstep
 
 
 def keep_weight_sliceable(layer: nn.Module, name: str) -> None:
@@ -265,3 +305,13 @@ class FlashComm2ModelMixin:
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         self.flashcomm2 = install_flashcomm2(self, vllm_config)
+
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)
+        if loaded is not None and self.flashcomm2 is not None:
+            from vllm_ascend_ext.ops.resident_slice import resident_slice_param_names
+
+            # Resident slices load from their layer's checkpoint tensors
+            # (through its weight loaders), never under names of their own.
+            loaded = set(loaded) | resident_slice_param_names(self)
+        return loaded

@@ -32,6 +32,9 @@ def oproj_memory(worker) -> dict:
     # Adaptive FlashComm2: forward calls per side, and how the small side
     # reads this rank's columns (ops/adaptive_oproj.py).
     adaptive = {"flashcomm2_calls": 0, "row_parallel_calls": 0, "small_side_routes": set()}
+    # o_shared's resident row-parallel slices (ops/resident_slice.py), in
+    # bytes as loaded (vLLM CPU packs them into handles no tensor shows).
+    slice_bytes = 0
     for name, module in model.named_modules():
         if not name.endswith("self_attn.o_proj") or not isinstance(module, LinearBase):
             continue
@@ -47,6 +50,9 @@ def oproj_memory(worker) -> dict:
             adaptive["flashcomm2_calls"] += module.adaptive_calls[0]
             adaptive["row_parallel_calls"] += module.adaptive_calls[1]
             adaptive["small_side_routes"].add(small_side_route(module))
+        from vllm_ascend_ext.ops.resident_slice import resident_slice_bytes
+
+        slice_bytes += resident_slice_bytes(module)
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         for t in tensors:
             st = t.untyped_storage()
@@ -78,6 +84,7 @@ def oproj_memory(worker) -> dict:
         "impl_o_proj_stale": impl_stale,
         "o_proj_layers": layers,
         "o_proj_storage_bytes": sum(storages.values()),
+        "o_proj_resident_slice_bytes": slice_bytes,
         "o_proj_classes": sorted(classes),
         "int8_all_to_all_routes": sorted(set(a2a_routes)),
         "adaptive": adaptive | {"small_side_routes": sorted(adaptive["small_side_routes"])},

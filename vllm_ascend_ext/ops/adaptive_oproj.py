@@ -59,6 +59,8 @@ __all__ = [
 
 #: How the small-batch side reads this rank's columns (see the module docstring).
 SMALL_SIDE_ROUTES = ("column view", "int8 row view", "zero-padded input")
+#: o_shared members under the switch: plain TP's own o_proj, kept resident.
+RESIDENT_SLICE_ROUTE = "resident slice"
 
 _OP_NAMESPACE = "vllm_ascend_ext"
 _lib = torch.library.Library(_OP_NAMESPACE, "FRAGMENT")  # noqa: TID251
@@ -153,13 +155,24 @@ def _small_side(layer: Any) -> tuple[str, Any]:
 
 
 def small_side_route(layer: Any) -> str:
-    """Which of :data:`SMALL_SIDE_ROUTES` ``layer``'s processed weight allows."""
+    """Which of :data:`SMALL_SIDE_ROUTES` ``layer``'s processed weight allows
+    (``"resident slice"``: o_shared's plain-TP layer, ``ops/resident_slice.py``)."""
+    from vllm_ascend_ext.ops.resident_slice import resident_slice_of
+
+    if resident_slice_of(layer) is not None:
+        return RESIDENT_SLICE_ROUTE
     return _small_side(layer)[0]
 
 
 def row_parallel_forward(layer: Any, x: torch.Tensor, sp: bool) -> torch.Tensor:
     """``x`` ``[T, a/P]`` -> ``[T, h]`` (or this rank's padded token block with
     ``sp``), as a row-parallel linear over the TP group."""
+    from vllm_ascend_ext.ops.resident_slice import resident_slice_of, run_resident_slice
+
+    if resident_slice_of(layer) is not None:
+        # o_shared with a resident slice: plain TP's own layer; the ring is
+        # not touched, so the pass moves no o_shared bytes.
+        return run_resident_slice(layer, x, sp)
     a_local = layer.input_size_per_tp_rank
     i = layer.flashcomm2_odp_group.rank_in_group
     tp = layer.flashcomm2_tp_group
@@ -206,9 +219,30 @@ def row_parallel_forward(layer: Any, x: torch.Tensor, sp: bool) -> torch.Tensor:
 # --------------------------------------------------------------------------
 
 
+def switch_tokens(layer: Any, num_tokens: int) -> int:
+    """The token count the switch compares with the threshold.
+
+    Every member of an o_shared group must take the same side in a pass:
+    one side broadcasts into the ring and the other does not. Inside one DP
+    replica the TP ranks see the same batch; a group spanning DP replicas
+    (MoE lockstep) sees one batch per replica, so there the largest batch
+    across DP decides, as vLLM's own DP padding reads it."""
+    if not getattr(layer, "adaptive_dp_wide", False):
+        return num_tokens
+    from vllm_ascend_ext.compat import max_tokens_across_dp
+
+    across = max_tokens_across_dp()
+    if across is None:
+        raise RuntimeError(
+            f"{layer.prefix!r}: the o_shared group spans DP replicas, but this forward "
+            "pass carries no DP token counts (vLLM's forward context has no dp_metadata), "
+            "so the replicas cannot agree on a side of the adaptive switch")
+    return max(across, num_tokens)
+
+
 def _adaptive_oproj(x: torch.Tensor, layer_key: str, sequence_parallel: bool) -> torch.Tensor:
     layer = lookup_adaptive_layer(layer_key)
-    small = x.shape[0] <= layer.adaptive_tokens
+    small = switch_tokens(layer, x.shape[0]) <= layer.adaptive_tokens
     layer.adaptive_calls[small] += 1  # introspection: which side ran how often
     if small:
         return layer.forward_row_parallel(x, sequence_parallel)

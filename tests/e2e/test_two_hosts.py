@@ -1,0 +1,279 @@
+"""FlashComm2 + o_shared across two hosts, with vLLM's own multi-node launch.
+
+Two network namespaces joined by a veth pair, each with a private /dev/shm,
+stand in for two machines (``vllm_ascend_ext/multinode``).  vLLM sees two
+nodes: its shared-memory TP communicator is disabled and every collective --
+plain TP's all-reduce, FlashComm2's all-to-all, o_shared's broadcasts --
+crosses the link on gloo.
+
+- TP2, one rank per host: FlashComm2 k=1 + o_shared (group spanning both
+  hosts) against plain TP on the same two hosts, by the harness rules.
+- DP across hosts (DeepSeek's two-node recipe, MoE lockstep): one DP2xTP2
+  engine, a replica per host, o_shared spanning both replicas.
+- A host with other settings: start-up stops on both hosts with the clear
+  error, within 60 s of the later host joining, and nothing is left running.
+- Losing the headless host while serving: how soon the head stops serving,
+  plain TP and o_shared.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import signal
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from tests.e2e.harness import (
+    arch_params,
+    assert_greedy_close,
+    assert_prompt_logprobs_close,
+    flashcomm2_flags,
+    make_prompts,
+    served_completion,
+    skip_without_cpu_mla,
+)
+from vllm_ascend_ext.multinode.netns import (
+    TwoHosts,
+    list_namespaces,
+    missing_requirements,
+    shm_files,
+)
+from vllm_ascend_ext.multinode.serve import TwoHostServer
+
+_missing = missing_requirements()
+pytestmark = pytest.mark.skipif(
+    bool(_missing), reason="two emulated hosts need " + ", ".join(_missing))
+
+OSHARED = flashcomm2_flags(1, oshared=True)
+AGREED = "FlashComm2 settings agreed by all"
+# vLLM's own line when a rank joins the torch.distributed world.
+_JOIN = re.compile(r"(\d\d-\d\d \d\d:\d\d:\d\d)[^\n]*world_size=\d+ rank=\d+ local_rank=")
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    """One pair of hosts for the whole module; servers run on it one at a
+    time.  On exit: no namespace, no process and no /dev/shm file left."""
+    machine_shm_before = set(os.listdir("/dev/shm"))
+    seen_inside: set[str] = set()
+    pair = TwoHosts()
+    pair.seen_shm = seen_inside  # filled by _serve while the hosts run
+    try:
+        yield pair
+    finally:
+        names = [h.namespace for h in pair.hosts]
+        pair.close()
+    assert not set(names) & set(list_namespaces()), "a host namespace was left behind"
+    leaked = (seen_inside - machine_shm_before) & set(os.listdir("/dev/shm"))
+    assert not leaked, f"the hosts' /dev/shm files reached the machine's: {sorted(leaked)}"
+
+
+def _after_stop_nothing_runs(pair: TwoHosts) -> None:
+    assert pair.pids() == [], f"processes left in the hosts: {pair.pids()}"
+
+
+def _record_shm(pair: TwoHosts) -> None:
+    for h in pair.hosts:
+        pair.seen_shm |= shm_files(h)
+
+
+def _served(server: TwoHostServer, model: str) -> list[dict]:
+    return [served_completion(server, ids) for ids in make_prompts(model)]
+
+
+# --- host loss -------------------------------------------------------------
+
+
+def _post(url: str, model: str, timeout: float) -> None:
+    body = json.dumps({"model": model, "prompt": "The river town", "max_tokens": 16,
+                       "temperature": 0}).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        r.read()
+
+
+def measure_host_loss(server: TwoHostServer, model: str, bound_s: float = 120.0) -> dict:
+    """Kill every process of the headless host while requests flow; return
+    how long the head took to stop serving (first failed request) and to
+    exit.  The request loop is bounded in count and time."""
+    events: list[tuple[str, float]] = []
+    done = threading.Event()
+
+    def loop() -> None:
+        for _ in range(300):
+            if done.is_set():
+                return
+            try:
+                _post(server.base_url, model, timeout=bound_s)
+                events.append(("ok", time.monotonic()))
+            except Exception:  # noqa: BLE001 - any failure is "stopped serving"
+                events.append(("fail", time.monotonic()))
+                time.sleep(0.2)
+
+    th = threading.Thread(target=loop, daemon=True)
+    th.start()
+    deadline = time.monotonic() + 120
+    while sum(e[0] == "ok" for e in events) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sum(e[0] == "ok" for e in events) >= 2, "the two-host server never answered"
+    killed = time.monotonic()
+    for pid in server.hosts.worker.pids():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    head = server.processes[0]
+    while time.monotonic() - killed < bound_s and head.poll() is None:
+        time.sleep(0.25)
+    done.set()
+    th.join(timeout=bound_s)
+    fails = [t for kind, t in events if kind == "fail" and t > killed]
+    return {
+        "first_failed_request_s": round(fails[0] - killed, 2) if fails else None,
+        "head_exit_s": round(head.exited_at - killed, 2) if head.exited_at else None,
+        "head_exit_code": head.poll(),
+        "answered_after_kill": sum(1 for kind, t in events if kind == "ok" and t > killed),
+    }
+
+
+# --- TP across the two hosts ----------------------------------------------
+
+HOST_LOSS: dict[str, dict] = {}
+
+
+def _serve_and_lose_worker(pair: TwoHosts, model: str, env: dict, label: str) -> tuple:
+    server = TwoHostServer(pair, model, head_env=env, worker_env=env)
+    try:
+        server.start()
+        _record_shm(pair)
+        before = pair.counters()
+        outs = _served(server, model)
+        link = pair.counters() - before
+        logs = [server.log_text(0), server.log_text(1)]
+        loss = measure_host_loss(server, model) if label else None
+    finally:
+        server.stop()
+    _after_stop_nothing_runs(pair)
+    if loss is not None:
+        HOST_LOSS[label] = loss
+        print(f"\nhost loss ({label}): {loss}")
+    return outs, logs, link
+
+
+@pytest.mark.parametrize("arch", arch_params(["Qwen3ForCausalLM", "DeepseekV3ForCausalLM"]))
+def test_two_host_oshared_matches_plain_tp(arch, tiny_model, hosts):
+    skip_without_cpu_mla(arch)
+    model = str(tiny_model(arch))
+    # Host loss is measured once, on the Qwen3 servers (plain TP first).
+    lose = arch == "Qwen3ForCausalLM"
+    plain, plain_logs, plain_link = _serve_and_lose_worker(
+        hosts, model, {}, "plain TP" if lose else "")
+    ours, logs, link = _serve_and_lose_worker(
+        hosts, model, OSHARED, "FlashComm2 + o_shared" if lose else "")
+    worst = assert_prompt_logprobs_close(plain, ours, names=("plain TP, 2 hosts", "o_shared"))
+    assert_greedy_close(plain, ours, names=("plain TP, 2 hosts", "o_shared"))
+    print(f"\n{arch} two hosts: o_shared vs plain TP max prompt-logprob gap {worst:.2e}; "
+          f"link bytes for the requests {link.total} vs {plain_link.total}")
+    for text in logs + plain_logs:
+        # Both hosts checked each other's settings, and really were two nodes.
+        assert AGREED in text and "on 2 host(s)" in text
+    # The o_shared group is the TP group across the hosts: each host's rank
+    # reports its share of the 5 layers (3 on rank 0, 2 on rank 1) + 1 slot.
+    assert "o_shared [0, 1]" in logs[0] and "o_shared [0, 1]" in logs[1]
+    held = sorted(re.findall(r"over 2 ranks.*?\((\d+) owned \+ (\d+) slots\)", "".join(logs)))
+    assert held == [("2", "1"), ("3", "1")], held
+    if lose:
+        plain_loss, our_loss = HOST_LOSS["plain TP"], HOST_LOSS["FlashComm2 + o_shared"]
+        # Neither head keeps answering without its TP peer, and ours stops the
+        # same way plain TP does: if plain TP's head exits, ours must too.
+        for loss in (plain_loss, our_loss):
+            assert loss["first_failed_request_s"] is not None or loss["head_exit_s"] is not None
+        if plain_loss["head_exit_s"] is not None:
+            assert our_loss["head_exit_s"] is not None, (plain_loss, our_loss)
+
+
+# --- DP across the two hosts ----------------------------------------------
+
+
+def test_moe_dp_across_hosts_oshared_spans_replicas(tiny_model, hosts, engines):
+    """DeepSeek's two-node recipe, scaled down: DP2 with TP2 inside each host;
+    the MoE replicas step in lockstep, so the o_shared group spans both
+    replicas and its broadcasts cross the link."""
+    arch = "DeepseekV3ForCausalLM"
+    skip_without_cpu_mla(arch)
+    model = str(tiny_model(arch))
+    server = TwoHostServer(hosts, model, layout="dp", tp=2, head_env=OSHARED,
+                           worker_env=OSHARED)
+    try:
+        server.start()
+        _record_shm(hosts)
+        prompts = make_prompts(model)
+        by_replica = {rep: [served_completion(server, ids, replica=rep) for ids in prompts]
+                      for rep in (0, 1)}
+        logs = server.log_text(0) + server.log_text(1)
+    finally:
+        server.stop()
+    _after_stop_nothing_runs(hosts)
+    assert logs.count("o_shared [0, 1, 2, 3] (spans 2 DP replicas in lockstep)") == 4
+    assert AGREED in logs and "on 2 host(s)" in logs
+    ref = engines.run(arch, tp=2).outputs
+    for rep, outs in by_replica.items():
+        assert_prompt_logprobs_close(ref, outs, names=("plain TP2, one host", f"replica {rep}"))
+        assert_greedy_close(ref, outs, names=("plain TP2, one host", f"replica {rep}"))
+
+
+# --- a host with other settings -------------------------------------------
+
+AC_ON = ["--additional-config",
+         json.dumps({"enable_flashcomm2_parallel_size": 1, "layer_sharding": ["o_proj"]})]
+MISMATCHES = {
+    "flags on the head only": (OSHARED, {}, [], "parallel_size"),
+    "flags on the headless host only": ({}, OSHARED, [], "parallel_size"),
+    "another prefetch step": (
+        OSHARED, {**OSHARED, "VLLM_ASCEND_FLASHCOMM2_OSHARED_PREFETCH_STEP": "2"}, [],
+        "prefetch_step"),
+    "--additional-config on the head only": ({}, {}, AC_ON, "parallel_size"),
+}
+
+
+def _join_times(text: str) -> list[float]:
+    year = dt.datetime.now().year
+    return [dt.datetime.strptime(f"{year}-{m}", "%Y-%m-%d %H:%M:%S").timestamp()
+            for m in _JOIN.findall(text)]
+
+
+@pytest.mark.parametrize("case", list(MISMATCHES))
+def test_hosts_with_other_settings_stop_with_a_clear_error(case, tiny_model, hosts):
+    head_env, worker_env, head_args, setting = MISMATCHES[case]
+    model = str(tiny_model("Qwen3ForCausalLM"))
+    server = TwoHostServer(hosts, model, head_env=head_env, worker_env=worker_env,
+                           head_args=head_args)
+    server.launch()
+    try:
+        codes = server.wait_exited(300)
+        exit_wall = time.time() - max(time.monotonic() - p.exited_at
+                                      for p in server.processes if p.exited_at)
+        logs = [server.log_text(0), server.log_text(1)]
+    finally:
+        server.stop()
+    _after_stop_nothing_runs(hosts)
+    assert all(c is not None and c != 0 for c in codes), (codes, server.log_tails())
+    joins = _join_times(logs[0]) + _join_times(logs[1])
+    assert len(joins) == 2, "both ranks must have joined the world"
+    # Second-resolution log stamps: allow their rounding.
+    waited = exit_wall - max(joins)
+    assert waited <= 60 + 1, f"stopped {waited:.0f} s after the later host joined"
+    print(f"\n{case}: both hosts exited {codes}, {waited:.0f} s after the later host joined")
+    for text in logs:
+        assert "FlashComm2ConfigError: FlashComm2 settings differ" in text
+        assert f"{setting} (" in text
+        assert re.search(rf"rank 0 on {re.escape(hosts.head.address)} .*\[", text)
+        assert re.search(rf"rank 1 on {re.escape(hosts.worker.address)} .*\[", text)
+        assert "same FLASHCOMM2 environment variables and the same --additional-config" in text
