@@ -1,0 +1,126 @@
+"""A step-time model of plain TP, FlashComm2 and o_shared on a link.
+
+Per forward step of ``T`` tokens over ``L`` layers at TP ``P``, each rank
+spends compute (the same in every configuration: the o_proj reads different
+bytes, but on the tiny and real shapes alike the attention and MLP dominate)
+plus, for every collective, its bytes per direction over the link rate plus a
+latency term:
+
+=====================  ======================================================
+configuration          collectives per layer (dense decoder)
+=====================  ======================================================
+plain TP               all-reduce after o_proj + all-reduce after the MLP
+FlashComm2 k           all-to-all + (k > 1: OTP reduce-scatter) + all-gather,
+                       then the MLP's all-reduce
++ o_shared             + one broadcast of ``W`` per non-owned layer, never
+                       hidden here (on 2 CPU cores gloo has no core to
+                       overlap on; a real NPU may hide it: ``hidden`` > 0)
+adaptive (+ o_shared)  steps of at most ``threshold`` tokens: plain TP's
+                       collectives, and (with resident slices) no broadcast
+=====================  ======================================================
+
+plus one all-reduce per step for the vocabulary-parallel embedding.
+Ranks send concurrently, so a collective's time is its per-rank bytes (what
+:func:`vllm_ascend_ext.planner.comm_per_layer` counts) over the rate.
+
+What the model cannot know: how much of a broadcast an accelerator hides
+behind compute, the kernel time of each configuration's o_proj, and the
+scheduler's own traffic between hosts (vLLM sends each step's batch to the
+headless node); :func:`calibrated_compute_s` takes the compute from one
+measured plain-TP run so that only the communication is predicted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from vllm_ascend_ext.planner import ModelShape, comm_per_layer
+
+__all__ = ["CONFIG_NAMES", "LinkModel", "StepCost", "calibrated_compute_s", "workload_steps",
+           "workload_comm"]
+
+#: The configurations the throughput benchmark runs, by the names it uses.
+CONFIG_NAMES = ("plain TP", "FlashComm2 k=1", "FlashComm2 k=1 + o_shared",
+                "adaptive FlashComm2 k=1", "adaptive FlashComm2 k=1 + o_shared")
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    rate_bytes_per_s: float
+    latency_s: float = 150e-6  # one small gloo collective over a veth
+    hidden: float = 0.0  # share of o_shared's broadcast hidden behind compute
+
+
+@dataclass(frozen=True)
+class StepCost:
+    link_seconds: float  # communication time of the step
+    wire_bytes: float  # bytes crossing the link, both directions
+    collectives: int
+
+
+def _config(name: str) -> tuple[bool, bool, bool]:
+    """(FlashComm2, o_shared, adaptive) of a benchmark configuration."""
+    return ("FlashComm2" in name, "o_shared" in name, name.startswith("adaptive"))
+
+
+def step_cost(shape: ModelShape, tp: int, tokens: int, config: str, link: LinkModel,
+              act_bytes: int, weight_bytes: int, threshold: int) -> StepCost:
+    fc2, oshared, adaptive = _config(config)
+    small = adaptive and tokens <= threshold
+    c = comm_per_layer(shape, tp, 1, act_bytes, tokens)
+    L, P = shape.num_layers, tp
+    if fc2 and not small:
+        o_proj = c["fc2_all_to_all"] + c["fc2_all_gather"]
+        o_proj_collectives = 2
+    else:
+        o_proj, o_proj_collectives = c["tp_allreduce"], 1
+    per_rank = L * (o_proj + c["tp_allreduce"]) + c["tp_allreduce"]  # + embedding
+    collectives = L * (o_proj_collectives + 1) + 1
+    seconds = per_rank / link.rate_bytes_per_s + collectives * link.latency_s
+    wire = per_rank * P
+    if oshared and not small:
+        W = shape.o_proj_in * shape.hidden_size * weight_bytes
+        # Each layer leaves its owner once for every other rank; the owner
+        # of the most layers sends the longest.
+        wire += L * W * (P - 1)
+        seconds += ((1 - link.hidden) * math.ceil(L / P) * W * (P - 1) / link.rate_bytes_per_s
+                    + L * link.latency_s)
+        collectives += L
+    return StepCost(seconds, wire, collectives)
+
+
+def workload_steps(num_prompts: int, input_len: int, output_len: int,
+                   max_batched_tokens: int) -> list[tuple[int, int]]:
+    """(tokens in the step, how many such steps) of a batch of equal requests
+    all admitted at once: chunked prefill, then ``output_len - 1`` decode
+    steps of one token per request (the first output token comes with the
+    last prefill chunk)."""
+    total = num_prompts * input_len
+    steps = [(max_batched_tokens, total // max_batched_tokens)] if total >= max_batched_tokens \
+        else []
+    if total % max_batched_tokens:
+        steps.append((total % max_batched_tokens, 1))
+    if output_len > 1:
+        steps.append((num_prompts, output_len - 1))
+    return steps
+
+
+def workload_comm(shape: ModelShape, tp: int, steps: list[tuple[int, int]], config: str,
+                  link: LinkModel, act_bytes: int, weight_bytes: int,
+                  threshold: int) -> StepCost:
+    """The summed communication of a workload's steps."""
+    secs = wire = 0.0
+    n = 0
+    for tokens, count in steps:
+        c = step_cost(shape, tp, tokens, config, link, act_bytes, weight_bytes, threshold)
+        secs += count * c.link_seconds
+        wire += count * c.wire_bytes
+        n += count * c.collectives
+    return StepCost(secs, wire, n)
+
+
+def calibrated_compute_s(measured_plain_s: float, plain_comm: StepCost) -> float:
+    """Compute time of a workload: a measured plain-TP duration minus what the
+    model says its communication took (never below zero)."""
+    return max(0.0, measured_plain_s - plain_comm.link_seconds)
