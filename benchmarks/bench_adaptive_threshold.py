@@ -19,19 +19,11 @@ CPU/gloo figures do not predict NPU/HCCL ones: run it where you deploy.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from dist_utils import run_distributed  # noqa: E402
+from _world import ROOT, machine_line, run_world, write_results
 
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -85,10 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "results/bench_adaptive_threshold.json"))
     args = ap.parse_args(argv)
 
-    from vllm_ascend_ext.cpu_attention import cpu_has_amx, cpu_model_name
-
-    per_rank = run_distributed(_worker, 2, args.a, args.h, args.dtype, tuple(args.tokens),
-                               args.repeats, timeout=1800)
+    per_rank = run_world(_worker, 2, args.a, args.h, args.dtype, tuple(args.tokens),
+                         args.repeats, timeout=1800)
     rows = []
     for i, T in enumerate(args.tokens):
         fc2 = max(r["rows"][i]["flashcomm2_us"] for r in per_rank)
@@ -104,14 +94,10 @@ def main(argv=None) -> int:
         "o_proj": {"a": args.a, "h": args.h, "dtype": args.dtype, "tp": 2, "k": 1},
         "small_side_route": per_rank[0]["small_side_route"],
         "repeats": args.repeats,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {cpu_model_name()}"
-                   f"{' (AMX)' if cpu_has_amx() else ' (no AMX)'}",
+        "machine": machine_line(),
         "rows": rows,
         "break_even_tokens": break_even,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     lines = [f"o_proj {args.a} -> {args.h} {args.dtype}, TP2 k=1, {result['machine']}; "
              f"median of {args.repeats}, slower rank",
              "| tokens | FlashComm2 µs | row-parallel µs | row-parallel / FlashComm2 |",
@@ -121,7 +107,7 @@ def main(argv=None) -> int:
                      f"{r['row_parallel_over_flashcomm2']:.2f} |")
     lines.append(f"break-even: row-parallel is never slower up to {break_even} tokens")
     text = "\n".join(lines)
-    out.with_suffix(".md").write_text(text + "\n")
+    write_results(args.out, result, text, suffix=".md")
     print(text)
     return 0
 

@@ -45,16 +45,9 @@ Writes JSON to ``--out`` and a Markdown table next to it (``.md``).
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from dist_utils import run_distributed  # noqa: E402
+from _world import run_world, write_results
 
 MODELS = {
     # name: (a = heads x v_head_dim, h = hidden size)
@@ -293,8 +286,8 @@ def main(argv=None):
 
     # One spawned process with vLLM's (TP=1) state: vLLM parameters need it to
     # exist; the op itself gets stub groups of size P.
-    measured = run_distributed(_worker, 1, args.tp, tuple(args.otp), tuple(args.tokens),
-                               timeout=300)[0]
+    measured = run_world(_worker, 1, args.tp, tuple(args.otp), tuple(args.tokens),
+                         timeout=300)[0]
     report = build_report(measured, args.tp, args.otp, args.tokens)
 
     # The op's counts must equal the formula whenever P divides T (no padding).
@@ -307,9 +300,6 @@ def main(argv=None):
                             / f["formula_total"])
     report["max_rel_gap_measured_vs_formula_when_P_divides_T"] = worst
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
     # The planner's figures for the same layouts must be the op's (P | T).
     from vllm_ascend_ext.planner import ModelShape, comm_per_layer
 
@@ -325,12 +315,12 @@ def main(argv=None):
             worst_plan = max(worst_plan, abs(plan["fc2_total"] - got) / got)
     report["max_rel_gap_measured_vs_planner_when_P_divides_T"] = worst_plan
     show = [t for t in (1, 16, 1000, 1024, 4096, 16384) if t in args.tokens]
-    md = markdown(report, set(args.tokens))
-    out.with_suffix(".md").write_text(md)
+    side = write_results(args.out, report, markdown(report, set(args.tokens)),
+                         suffix=".md", indent=1)
     print(markdown(report, set(show)))
     print(f"measured vs formula (P | T): max relative gap {worst:.2e}")
     print(f"measured vs planner (P | T): max relative gap {worst_plan:.2e}")
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    print(f"wrote {args.out} and {side}")
     if worst > 1e-12:
         raise SystemExit("the op's measured volume disagrees with the formula")
     if worst_plan > 1e-12:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -50,11 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-for _p in (str(ROOT), str(ROOT / "tests")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+from _world import HERE, ROOT, child_env, machine_line, run_world, with_tp_group, write_results
 
 ARCH = "DeepseekV3ForCausalLM"
 MIB = 1 << 20
@@ -91,8 +86,6 @@ CONFIGS = {
     "oshared": ("FlashComm2 k=1 + o_shared", {"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "1",
                                               "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED": "1"}),
 }
-FEATURE_ENV = ("VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE", "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED",
-               "VLLM_ASCEND_FLASHCOMM2_OSHARED_PREFETCH_STEP")
 TP = 2
 PREFETCH_STEP = 1  # the flag's default
 
@@ -321,13 +314,9 @@ def engine_child(spec_path: str, out_path: str) -> None:
 def run_engine(model: Path, key: str, timeout: int) -> dict:
     import tempfile
 
-    from vllm_ascend_ext.local_server import cpu_env
-
-    env = {k: v for k, v in os.environ.items() if k not in FEATURE_ENV}
-    env.update(cpu_env(TP))
+    env = child_env(TP, CONFIGS[key][1])
     env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-    env.update(CONFIGS[key][1])
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(HERE), str(ROOT), env.get("PYTHONPATH", "")) if p)
     with tempfile.TemporaryDirectory() as td:
@@ -400,16 +389,17 @@ def compare(engines: dict, plan: dict) -> dict:
 
 
 def _timing_worker(rank, world_size, args):
+    return with_tp_group(_time_series, rank, world_size, args)
+
+
+def _time_series(group, rank, world_size, args):
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import get_tp_group
     from vllm.model_executor.layers.linear import ReplicatedLinear
 
     from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
 
-    torch.set_num_threads(1)
     a, h, L = REAL_ATTENTION["num_attention_heads"] * REAL_ATTENTION["v_head_dim"], \
         REAL_ATTENTION["hidden_size"], args.timing_layers
     dt = torch.bfloat16
@@ -429,79 +419,77 @@ def _timing_worker(rank, world_size, args):
         w = (torch.randn(h, din, generator=g) * 0.006).to(dt)
         layer.weight.weight_loader(layer.weight, w)
 
-    with set_current_vllm_config(VllmConfig()):
-        group = get_tp_group()
-        series = SharedWeightSeries("bench-real-dims", group, prefetch_step=0)
-        layers = [linear(a, i) for i in range(L)]
-        for layer in layers:
-            series.add_layer(layer)
-        for i, layer in enumerate(layers):
-            load(layer, i, a)
-        for layer in layers:
-            layer.quant_method.process_weights_after_loading(layer)  # last one finalises
-        own = rank  # position `rank` is resident here
-        log("series finalised")
-        # vLLM's own CPU dispatch (oneDNN), as plain / replicated layers get it
-        onednn = linear(a, 100)
-        load(onednn, 0, a)
-        onednn.quant_method.process_weights_after_loading(onednn)
-        shard = linear(a // TP, 101)  # plain TP's per-rank half of o_proj
-        load(shard, 1, a // TP)
-        shard.quant_method.process_weights_after_loading(shard)
-        gemm = {"o_shared": getattr(layers[own], "_cpu_skip_gemm_dispatch", False),
-                "onednn_weight_numel": onednn.weight.numel()}
+    series = SharedWeightSeries("bench-real-dims", group, prefetch_step=0)
+    layers = [linear(a, i) for i in range(L)]
+    for layer in layers:
+        series.add_layer(layer)
+    for i, layer in enumerate(layers):
+        load(layer, i, a)
+    for layer in layers:
+        layer.quant_method.process_weights_after_loading(layer)  # last one finalises
+    own = rank  # position `rank` is resident here
+    log("series finalised")
+    # vLLM's own CPU dispatch (oneDNN), as plain / replicated layers get it
+    onednn = linear(a, 100)
+    load(onednn, 0, a)
+    onednn.quant_method.process_weights_after_loading(onednn)
+    shard = linear(a // TP, 101)  # plain TP's per-rank half of o_proj
+    load(shard, 1, a // TP)
+    shard.quant_method.process_weights_after_loading(shard)
+    gemm = {"o_shared": getattr(layers[own], "_cpu_skip_gemm_dispatch", False),
+            "onednn_weight_numel": onednn.weight.numel()}
 
-        # (1) o_shared broadcast per layer: with step 0 every wait is one
-        # synchronous broadcast of a whole layer (the owner sends).
-        log("layers ready")
-        x0 = torch.zeros(1, a, dtype=dt)
-        for p in range(L):  # warm-up pass
-            series.wait(p, x0)
-        bcast = {p: [] for p in range(L)}
-        group.barrier()
-        for _ in range(args.repeats):
-            for p in range(L):
-                t0 = time.perf_counter()
-                series.wait(p, x0)
-                bcast[p].append(time.perf_counter() - t0)
-        # the bare transport: one dist.broadcast of the same bytes
-        raw = torch.empty(series.per_layer_bytes, dtype=torch.uint8)
-        bare = []
-        group.barrier()
-        for i in range(args.repeats):
+    # (1) o_shared broadcast per layer: with step 0 every wait is one
+    # synchronous broadcast of a whole layer (the owner sends).
+    log("layers ready")
+    x0 = torch.zeros(1, a, dtype=dt)
+    for p in range(L):  # warm-up pass
+        series.wait(p, x0)
+    bcast = {p: [] for p in range(L)}
+    group.barrier()
+    for _ in range(args.repeats):
+        for p in range(L):
             t0 = time.perf_counter()
-            dist.broadcast(raw, src=group.ranks[i % world_size], group=group.device_group)
-            bare.append(time.perf_counter() - t0)
-        del raw
-        log("broadcasts timed")
+            series.wait(p, x0)
+            bcast[p].append(time.perf_counter() - t0)
+    # the bare transport: one dist.broadcast of the same bytes
+    raw = torch.empty(series.per_layer_bytes, dtype=torch.uint8)
+    bare = []
+    group.barrier()
+    for i in range(args.repeats):
+        t0 = time.perf_counter()
+        dist.broadcast(raw, src=group.ranks[i % world_size], group=group.device_group)
+        bare.append(time.perf_counter() - t0)
+    del raw
+    log("broadcasts timed")
 
-        # (2) o_proj compute, each rank at once on its own core (as at TP2)
-        compute = {}
-        for T in args.tokens:
-            x = torch.randn(T, a, dtype=dt) * 0.1
-            xs = x[:, : a // TP].contiguous()
-            fns = {
-                # the layer's own matmul, without its o_shared hooks (with step 0
-                # a hooked call would broadcast, and each rank times its own layer)
-                "o_shared_layer": lambda: layers[own].quant_method.apply(layers[own], x),
-                "F.linear": lambda: F.linear(x, layers[own].weight),
-                "onednn_full": lambda: onednn(x)[0],
-                "onednn_tp_shard": lambda: shard(xs)[0],
-            }
-            res = {}
-            for name, fn in fns.items():
-                fn()  # warm-up (oneDNN primitive creation)
-                group.barrier()
-                ts = []
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    fn()
-                    ts.append(time.perf_counter() - t0)
-                res[name] = ts
-            compute[T] = res
-            log(f"compute timed at T={T}")
-        report = series.memory_report().__dict__
-        series.close()
+    # (2) o_proj compute, each rank at once on its own core (as at TP2)
+    compute = {}
+    for T in args.tokens:
+        x = torch.randn(T, a, dtype=dt) * 0.1
+        xs = x[:, : a // TP].contiguous()
+        fns = {
+            # the layer's own matmul, without its o_shared hooks (with step 0
+            # a hooked call would broadcast, and each rank times its own layer)
+            "o_shared_layer": lambda: layers[own].quant_method.apply(layers[own], x),
+            "F.linear": lambda: F.linear(x, layers[own].weight),
+            "onednn_full": lambda: onednn(x)[0],
+            "onednn_tp_shard": lambda: shard(xs)[0],
+        }
+        res = {}
+        for name, fn in fns.items():
+            fn()  # warm-up (oneDNN primitive creation)
+            group.barrier()
+            ts = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            res[name] = ts
+        compute[T] = res
+        log(f"compute timed at T={T}")
+    report = series.memory_report().__dict__
+    series.close()
     med = lambda v: statistics.median(v) * 1e3  # noqa: E731
     return {
         "rank": rank,
@@ -517,11 +505,9 @@ def _timing_worker(rank, world_size, args):
 
 
 def run_timing(args) -> dict:
-    from dist_utils import run_distributed
-
     t0 = time.perf_counter()
-    per_rank = run_distributed(_timing_worker, TP, args, timeout=args.timeout,
-                               env={"OMP_NUM_THREADS": "1"})
+    per_rank = run_world(_timing_worker, TP, args, timeout=args.timeout,
+                         env={"OMP_NUM_THREADS": "1"})
     return {"seconds": time.perf_counter() - t0, "repeats": args.repeats,
             "tokens": list(args.tokens), "layers": args.timing_layers,
             "weight": [REAL_ATTENTION["hidden_size"],
@@ -628,10 +614,8 @@ def table(res: dict) -> str:
 
 
 def write(res: dict, out: Path, final_copy: bool) -> str:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2, default=str))
     text = table(res)
-    out.with_suffix(".txt").write_text(text)
+    write_results(out, res, text)
     if final_copy:
         shutil.copyfile(out, "/tmp/bench_real_dims_final.json")
         shutil.copyfile(out.with_suffix(".txt"), "/tmp/bench_real_dims_final.txt")
@@ -658,15 +642,12 @@ def main(argv=None) -> int:
                     help="also copy the results to /tmp/bench_real_dims_final.{json,txt}")
     args = ap.parse_args(argv)
 
-    from vllm_ascend_ext.cpu_attention import cpu_has_amx, cpu_model_name
-
     out = Path(args.out)
     res = json.loads(out.read_text()) if out.exists() and args.phase != "all" else {}
     import vllm
 
     res.update({
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {cpu_model_name()}"
-                   f"{' (AMX)' if cpu_has_amx() else ' (no AMX)'}",
+        "machine": machine_line(),
         "vllm": vllm.__version__, "layers": args.layers,
         "note": "CPU/gloo figures; they do not predict NPU/HCCL ones.",
     })

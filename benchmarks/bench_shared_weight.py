@@ -29,23 +29,13 @@ Writes JSON to ``--out`` and a text table next to it (same name, ``.txt``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from dist_utils import run_distributed  # noqa: E402
-from upstream_seed import DEFAULT_SEED  # noqa: E402
-
-from vllm_ascend_ext.cpu_attention import cpu_model_name  # noqa: E402
+from _world import machine_line, run_world, with_tp_group, write_results
+from upstream_seed import DEFAULT_SEED
 
 
 def _make_layers(start, L, dim_out, dim_in, hooks_inside):
@@ -401,29 +391,20 @@ def _bench_side_by_side(group, args, impl):
 
 
 def _sbs_worker(rank, world_size, args, impl):
-    import torch
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import get_tp_group
+    return with_tp_group(_bench_side_by_side, args, impl)
 
-    torch.set_num_threads(1)
-    with set_current_vllm_config(VllmConfig()):
-        return _bench_side_by_side(get_tp_group(), args, impl)
+
+def _core_benches(group, args):
+    return {
+        "ops_only": _bench_ops_only(group, args),
+        "hooks_hidden": _bench_hooks(group, args, filler_dim=args.hook_filler),
+        "hooks_exposed": _bench_hooks(group, args, filler_dim=0),
+        "hidden": _bench_hidden(group, args),
+    }
 
 
 def _worker(rank, world_size, args):
-    import torch
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import get_tp_group
-
-    torch.set_num_threads(1)
-    with set_current_vllm_config(VllmConfig()):
-        group = get_tp_group()
-        return {
-            "ops_only": _bench_ops_only(group, args),
-            "hooks_hidden": _bench_hooks(group, args, filler_dim=args.hook_filler),
-            "hooks_exposed": _bench_hooks(group, args, filler_dim=0),
-            "hidden": _bench_hidden(group, args),
-        }
+    return with_tp_group(_core_benches, args)
 
 
 def _core_table(res) -> str:
@@ -627,12 +608,12 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     t0 = time.perf_counter()
     res = {
-        "machine": f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu_model_name()})",
+        "machine": machine_line(),
         "backend": "gloo",
         "args": vars(args),
     }
     if "core" in parts:
-        per_rank = run_distributed(_worker, 2, args, timeout=600)
+        per_rank = run_world(_worker, 2, args, timeout=600)
         res["per_rank"] = per_rank
         res["summary"] = {
             "ops_only_us_per_layer": max(p["ops_only"]["ops_us_per_layer"] for p in per_rank),
@@ -649,19 +630,16 @@ def main() -> None:
             order = ["ours", "upstream"] if i % 2 == 0 else ["upstream", "ours"]
             run = {"order": order}
             for impl in order:  # a fresh 2-process world for each implementation
-                run[impl] = run_distributed(_sbs_worker, 2, args, impl, timeout=600)
+                run[impl] = run_world(_sbs_worker, 2, args, impl, timeout=600)
             runs.append(run)
             print(f"(d) run {i + 1}/{args.runs} done ({' then '.join(order)}, "
                   f"{time.perf_counter() - t0:.0f} s)", flush=True)
         res["side_by_side"] = {"runs": runs, "summary": _sbs_summary(runs, args)}
     res["seconds"] = time.perf_counter() - t0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2, default=str))
     text = _table(res)
-    out.with_suffix(".txt").write_text(text)
+    side = write_results(args.out, res, text)
     print(text)
-    print(f"wrote {out} and {out.with_suffix('.txt')}")
+    print(f"wrote {args.out} and {side}")
 
 
 if __name__ == "__main__":

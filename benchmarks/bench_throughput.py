@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _world import ROOT, child_env, machine_line, write_results
 
 PRESETS = {
     # name: (architecture, hidden layers, hidden size or None for the tiny default)
@@ -83,12 +80,9 @@ def _oproj_bytes(model: str, tp: int, flags: dict) -> int:
 
 
 def run_one(model: str, tp: int, env_flags: dict, args) -> dict:
-    from vllm_ascend_ext.local_server import cpu_env, vllm_cli
+    from vllm_ascend_ext.local_server import vllm_cli
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_ASCEND_")}
-    if not args.no_cpu_env:
-        env.update(cpu_env(tp))
-    env.update(env_flags)
+    env = child_env(tp, env_flags, cpu=not args.no_cpu_env)
     with tempfile.TemporaryDirectory() as td:
         out_json = Path(td) / "bench.json"
         cmd = [vllm_cli(), "bench", "throughput", "--model", model,
@@ -129,8 +123,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from vllm_ascend_ext.config import DEFAULT_ADAPTIVE_TOKENS
-    from vllm_ascend_ext.cpu_attention import cpu_has_amx, cpu_model_name
-
     model = _model_dir(args)
     samples: dict[tuple[str, str], list[float]] = {}
     for rnd in range(args.rounds):
@@ -158,14 +150,10 @@ def main(argv=None) -> int:
     result = {
         "model": model, "tp": args.tp, "num_prompts": args.num_prompts, "dtype": args.dtype,
         "rounds": args.rounds, "adaptive_tokens_default": DEFAULT_ADAPTIVE_TOKENS,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {cpu_model_name()}"
-                   f"{' (AMX)' if cpu_has_amx() else ' (no AMX)'}",
+        "machine": machine_line(),
         "note": "CPU/gloo timings do not predict NPU/HCCL ones.",
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     table = ["| workload | config | tokens/s | ratio to plain TP (median [min-max]) | "
              "o_proj bytes / rank |", "|---|---|---|---|---|"]
     for r in rows:
@@ -174,7 +162,7 @@ def main(argv=None) -> int:
                      f"[{r['ratio_min']:.3f}-{r['ratio_max']:.3f}] | "
                      f"{r['o_proj_bytes_per_rank']:,} |")
     md = "\n".join(table)
-    out.with_suffix(".md").write_text(md + "\n")
+    write_results(args.out, result, md, suffix=".md")
     print(md)
     return 0
 

@@ -29,7 +29,7 @@ def test_oshared_resident_bytes_are_owned_plus_ring(arch, step, engines, tiny_mo
     # Plain TP and FlashComm2-without-o_shared weights are not measurable
     # this way on vLLM CPU: its unquantized post-load packs them into oneDNN
     # handles and leaves the parameters empty.  o_shared keeps plain tensors
-    # (see ops/shared_weight.py), so every byte it holds is a real storage.
+    # (see ops/shared_weight/members.py), so every byte it holds is a real storage.
     shared = engines.run(arch, tp=2, env=flashcomm2_flags(1, True, step)).rpc[MEMORY_RPC]
 
     for rank in range(n):
