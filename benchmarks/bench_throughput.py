@@ -76,7 +76,10 @@ def _oproj_bytes(model: str, tp: int, flags: dict) -> int:
     if flags.get("VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED") != "1":
         return L * W  # FlashComm2 k=1: the full o_proj everywhere
     slots = planner.ring_slots(0, L, tp, 0, prefetch_step=1)
-    return (planner.owned_layers(0, L, tp, 0) + slots) * W
+    # Under the adaptive switch (on unless set to 0) o_shared also keeps
+    # plain TP's slice of every layer for the small passes.
+    slices = L * W // tp if flags.get(_ADAPTIVE, "1") != "0" else 0
+    return (planner.owned_layers(0, L, tp, 0) + slots) * W + slices
 
 
 def run_one(model: str, tp: int, env_flags: dict, args) -> dict:
@@ -119,8 +122,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--no-cpu-env", action="store_true", help="do not set CPU vLLM env (NPU)")
+    ap.add_argument("--hosts", type=int, choices=(1, 2), default=1,
+                    help="2: TP across two emulated hosts (network namespaces, root)")
+    ap.add_argument("--link-rate", default="200mbit",
+                    help="--hosts 2: the link's rate (tc notation)")
     ap.add_argument("--out", default=str(ROOT / "results/bench_throughput.json"))
     args = ap.parse_args(argv)
+    if args.hosts == 2:
+        from two_host_throughput import main_two_hosts
+
+        return main_two_hosts(_model_dir(args), CONFIGS, WORKLOADS, args, _oproj_bytes)
 
     from vllm_ascend_ext.config import DEFAULT_ADAPTIVE_TOKENS
     model = _model_dir(args)

@@ -73,3 +73,89 @@ def run_two_hosts(model: str, configs: list, workloads: dict, args) -> dict:
                 finally:
                     server.stop()
     return samples
+
+
+def _rate_bytes(rate: str) -> float:
+    """tc notation (``200mbit``, ``1gbit``) in bytes per second."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    for unit, mult in units.items():
+        if rate.endswith(unit):
+            return float(rate[: -len(unit)]) * mult / 8
+    raise ValueError(f"--link-rate {rate!r}: expected e.g. 200mbit or 1gbit")
+
+
+def main_two_hosts(model: str, configs: list, workloads: dict, args, oproj_bytes) -> int:
+    import statistics
+
+    from _world import machine_line, write_results
+
+    from vllm_ascend_ext import planner
+    from vllm_ascend_ext.config import DEFAULT_ADAPTIVE_TOKENS
+    from vllm_ascend_ext.step_model import (
+        LinkModel,
+        calibrated_compute_s,
+        workload_comm,
+        workload_steps,
+    )
+
+    samples = run_two_hosts(model, configs, workloads, args)
+    shape = planner.load_model_shape(model)
+    dbytes = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
+    link = LinkModel(rate_bytes_per_s=_rate_bytes(args.link_rate))
+    rows = []
+    for workload in args.workloads:
+        inp, outp = workloads[workload]
+        steps = workload_steps(args.num_prompts, inp, outp, max_batched_tokens=4096)
+        plain = samples[(workload, configs[0][0])]
+        plain_comm = workload_comm(shape, args.tp, steps, configs[0][0], link, dbytes, dbytes,
+                                   DEFAULT_ADAPTIVE_TOKENS)
+        compute = calibrated_compute_s(statistics.median(s["duration_s"] for s in plain),
+                                       plain_comm)
+        for name, flags in configs:
+            runs = samples[(workload, name)]
+            threshold = int(flags.get("VLLM_ASCEND_FLASHCOMM2_ADAPTIVE_TOKENS",
+                                      DEFAULT_ADAPTIVE_TOKENS))
+            comm = workload_comm(shape, args.tp, steps, name, link, dbytes, dbytes, threshold)
+            ratios = [r["tokens_per_s"] / p["tokens_per_s"] for r, p in zip(runs, plain)]
+            link_bytes = statistics.median(r["link_bytes"] for r in runs)
+            per = "output_tokens" if workload == "decode" else "input_tokens"
+            rows.append({
+                "workload": workload, "input_len": inp, "output_len": outp, "config": name,
+                "flags": flags,
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+                "ratio_to_plain_tp": statistics.median(ratios),
+                "ratio_min": min(ratios), "ratio_max": max(ratios),
+                "link_bytes": link_bytes,
+                "link_bytes_per_token": link_bytes / runs[0][per], "per": per,
+                "link_bytes_ratio_to_plain_tp": link_bytes / statistics.median(
+                    p["link_bytes"] for p in plain),
+                "predicted_link_bytes": comm.wire_bytes,
+                "predicted_ratio_to_plain_tp": (compute + plain_comm.link_seconds)
+                / (compute + comm.link_seconds),
+                "plain_tp_comm_share_predicted": plain_comm.link_seconds
+                / (compute + plain_comm.link_seconds),
+                "o_proj_bytes_per_rank": oproj_bytes(model, args.tp, flags),
+                "runs": runs,
+            })
+    result = {"model": model, "tp": args.tp, "hosts": 2, "link_rate": args.link_rate,
+              "num_prompts": args.num_prompts, "dtype": args.dtype, "rounds": args.rounds,
+              "adaptive_tokens_default": DEFAULT_ADAPTIVE_TOKENS, "machine": machine_line(),
+              "note": "two network namespaces on one machine, gloo over a tc-shaped veth; "
+                      "the prediction takes compute from the plain-TP run of the same round set",
+              "rows": rows}
+    table = ["| workload | config | tokens/s | ratio to plain TP (median [min-max]) | "
+             "predicted ratio | link bytes / token (vs plain TP) | predicted link bytes / "
+             "measured | o_proj bytes / rank |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(
+            f"| {r['workload']} ({r['input_len']} in / {r['output_len']} out) | {r['config']} | "
+            f"{r['tokens_per_s']:.1f} | {r['ratio_to_plain_tp']:.3f} [{r['ratio_min']:.3f}-"
+            f"{r['ratio_max']:.3f}] | {r['predicted_ratio_to_plain_tp']:.3f} | "
+            f"{r['link_bytes_per_token']:,.0f} per {r['per'].split('_')[0]} token "
+            f"({r['link_bytes_ratio_to_plain_tp']:.2f}x) | "
+            f"{r['predicted_link_bytes'] / max(r['link_bytes'], 1):.3f} | "
+            f"{r['o_proj_bytes_per_rank']:,} |")
+    md = "\n".join(table)
+    write_results(args.out, result, md, suffix=".md")
+    print(md)
+    return 0
