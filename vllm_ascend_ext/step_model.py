@@ -45,6 +45,12 @@ CONFIG_NAMES = ("plain TP", "FlashComm2 k=1", "FlashComm2 k=1 + o_shared",
                 "adaptive FlashComm2 k=1", "adaptive FlashComm2 k=1 + o_shared")
 
 
+#: Bytes on an Ethernet link per byte a collective sends over TCP: a full
+#: segment carries 1448 B of payload (MTU 1500, TCP timestamps) in a 1514 B
+#: frame, and the peer acknowledges every second segment with a 66 B frame.
+TCP_FRAMING = (1514 + 66 / 2) / 1448
+
+
 @dataclass(frozen=True)
 class LinkModel:
     rate_bytes_per_s: float
@@ -55,7 +61,7 @@ class LinkModel:
 @dataclass(frozen=True)
 class StepCost:
     link_seconds: float  # communication time of the step
-    wire_bytes: float  # bytes crossing the link, both directions
+    wire_bytes: float  # payload bytes crossing the link, both directions
     collectives: int
 
 
@@ -109,7 +115,8 @@ def workload_steps(num_prompts: int, input_len: int, output_len: int,
 def workload_comm(shape: ModelShape, tp: int, steps: list[tuple[int, int]], config: str,
                   link: LinkModel, act_bytes: int, weight_bytes: int,
                   threshold: int) -> StepCost:
-    """The summed communication of a workload's steps."""
+    """The summed communication of a workload's steps (``wire_bytes`` here
+    as the link counts them: with TCP/IP/Ethernet framing)."""
     secs = wire = 0.0
     n = 0
     for tokens, count in steps:
@@ -117,7 +124,7 @@ def workload_comm(shape: ModelShape, tp: int, steps: list[tuple[int, int]], conf
         secs += count * c.link_seconds
         wire += count * c.wire_bytes
         n += count * c.collectives
-    return StepCost(secs, wire, n)
+    return StepCost(secs, wire * TCP_FRAMING, n)
 
 
 def calibrated_compute_s(measured_plain_s: float, plain_comm: StepCost) -> float:
