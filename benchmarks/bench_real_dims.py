@@ -271,8 +271,8 @@ def release_oproj(worker) -> dict:
     series = getattr(getattr(model, "flashcomm2", None), "series", None)
     if series is not None:  # owned layers + ring slots
         series.synchronize()  # a pending prefetch's gloo work holds its slot
-        series._resident.clear()
-        series._slots.clear()
+        series.ring.resident.clear()
+        series.ring.slots.clear()
     _trim_heap()
     after = proc_status()
     return {"rank": worker.rank, "layers": len(mods), "before": before, "after": after,
@@ -407,7 +407,7 @@ def _timing_worker(rank, world_size, args):
     from vllm.distributed import get_tp_group
     from vllm.model_executor.layers.linear import ReplicatedLinear
 
-    from vllm_ascend_ext.ops.shared_weight import SharedWeightSeries
+    from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
 
     torch.set_num_threads(1)
     a, h, L = REAL_ATTENTION["num_attention_heads"] * REAL_ATTENTION["v_head_dim"], \

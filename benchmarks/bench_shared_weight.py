@@ -84,7 +84,7 @@ def _load_and_finalise(layers, dim_out, dim_in):
 def _bench_hooks(group, args, filler_dim):
     """(a): time inside prefetch_after + wait per layer."""
     import torch
-    from vllm_ascend_ext.ops.shared_weight import SharedWeightSeries
+    from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
 
     L, D = args.layers, 64
     layers = _make_layers(0, L, D, D, hooks_inside=False)
@@ -144,7 +144,7 @@ def _bench_ops_only(group, args):
     """
     import torch
     import torch.distributed as dist
-    from vllm_ascend_ext.ops.shared_weight import SharedWeightSeries
+    from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
 
     layers = _make_layers(0, 1, 64, 64, hooks_inside=False)
     series = SharedWeightSeries("bench-ops-only", group, 0)
@@ -180,7 +180,7 @@ def _bench_hidden(group, args):
     """(c): the same L-layer loop, weights replicated vs. delivered by o_shared."""
     import torch
     import torch.distributed as dist
-    from vllm_ascend_ext.ops.shared_weight import SharedWeightSeries
+    from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
 
     L, D, T, F = args.layers, args.dim, args.tokens, args.filler
     variants = {"replicated": _make_layers(0, L, D, D, hooks_inside=True)}
@@ -261,7 +261,7 @@ def _bench_hidden(group, args):
 
 
 def _ours_build(group, args, k):
-    from vllm_ascend_ext.ops.shared_weight import SharedWeightSeries
+    from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
 
     D = args.sbs_dim
     layers = _make_layers(0, args.layers, D, D, hooks_inside=True)

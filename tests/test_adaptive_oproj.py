@@ -72,7 +72,7 @@ def _fp32_worker(rank, world_size, k, oshared):
     )
     from vllm_ascend_ext.models.flashcomm2_install import keep_weight_sliceable
     from vllm_ascend_ext.ops.adaptive_oproj import small_side_route
-    from vllm_ascend_ext.ops.shared_weight import SharedWeightSeries
+    from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
 
     init_flashcomm2_groups(FlashComm2Config(k, oshared, 1), dp_lockstep=False)
     P, a_l = world_size, A // world_size

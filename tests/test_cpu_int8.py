@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vllm_ascend_ext.ops import cpu_int8
-from vllm_ascend_ext.ops.shared_weight import SharedWeightError
+from vllm_ascend_ext.ops.shared_weight.errors import SharedWeightError
 
 PARAM_NAMES = ("weight", "weight_scale", "input_scale", "input_zero_point", "azp_adj")
 

@@ -36,11 +36,8 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from vllm_ascend_ext.ops.flashcomm2_oproj import (
-    FlashComm2RowParallelLinear,
-    flashcomm2_plan,
-    permute_blocks_for_all_to_all,
-)
+from vllm_ascend_ext.ops.flashcomm2_oproj import FlashComm2RowParallelLinear
+from vllm_ascend_ext.ops.flashcomm2_plan import flashcomm2_plan, permute_blocks_for_all_to_all
 
 A = 128  # o_proj input features (heads x v_head_dim)
 H = 96  # hidden size
@@ -240,7 +237,7 @@ def _run_config(res, *, tag, seed, k, dtype, oshared, bias, t_values, start_laye
     from vllm.model_executor.layers.linear import RowParallelLinear
 
     from vllm_ascend_ext.distributed.parallel_state import get_flashcomm2_oshared_group
-    from vllm_ascend_ext.ops.shared_weight import SharedWeightSeries
+    from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
 
     name = f"{tag} k={k} {str(dtype)[6:]} oshared={int(oshared)} bias={int(bias)}"
     a_l = A // P

@@ -336,7 +336,7 @@ def _tiny_series_reports(rank, world_size, cases, a, h):
     from vllm.distributed import get_tp_group
     from vllm.model_executor.layers.linear import ReplicatedLinear
 
-    from vllm_ascend_ext.ops.shared_weight import SharedWeightSeries
+    from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
 
     out = []
     with set_current_vllm_config(VllmConfig()):

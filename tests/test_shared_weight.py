@@ -17,13 +17,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dist_utils import make_group_coordinator, run_distributed  # noqa: E402
 
-from vllm_ascend_ext.ops.shared_weight import (  # noqa: E402
-    PACK_ALIGN,
-    SharedWeightError,
-    SharedWeightSeries,
-    next_prefetch_position,
-    shared_weight_registry,
-)
+from vllm_ascend_ext.ops.shared_weight.errors import SharedWeightError  # noqa: E402
+from vllm_ascend_ext.ops.shared_weight.registry import shared_weight_registry  # noqa: E402
+from vllm_ascend_ext.ops.shared_weight.ring_index import next_prefetch_position  # noqa: E402
+from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries  # noqa: E402
+from vllm_ascend_ext.ops.slot_storage import PACK_ALIGN  # noqa: E402
 
 OUT, IN = 8, 16  # tiny o_proj: weight [OUT, IN] fp32 + bias [OUT]
 SWEEP_L = (1, 2, 3, 5, 8)
@@ -351,7 +349,7 @@ def _case_custom_quant(rank, group):
     _load(layers)
     _post_load(layers)
     out = {"layouts": [(lay.name, lay.kind, str(lay.dtype), lay.shape, lay.stride)
-                       for lay in series._layouts]}
+                       for lay in series.layouts]}
     seen = []
     for layer in layers:  # observe the parameter views at use time
 
@@ -469,7 +467,7 @@ def _case_storage_format(rank, group):
         out[fmt_name] = {
             "exact": bool(exact), "formats_at_use": sorted(set(formats_at_use)),
             "layouts": [(lay.name, lay.storage_format, lay.span_bytes)
-                        for lay in series._layouts],
+                        for lay in series.layouts],
             "per_layer_bytes": rep.per_layer_bytes, "resident_bytes": rep.resident_bytes,
             "owned": rep.owned_layers, "slots": rep.slots,
             "measured": _storage_bytes(layers)[1],
@@ -513,7 +511,7 @@ def _case_cpu_unquantized(rank, group):
 def _case_module_functions(rank, group):
     """The upstream-named module functions on a later-stage series (start=31)."""
     import torch.nn.functional as F
-    from vllm_ascend_ext.ops.shared_weight import (
+    from vllm_ascend_ext.ops.shared_weight.upstream_api import (
         is_hidden_layer,
         post_process_after_loading_for_shared_weight_series,
         reach_layer_for_shared_weight_series,

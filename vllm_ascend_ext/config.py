@@ -33,7 +33,7 @@ value and the rule it breaks.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -515,13 +515,28 @@ def validate_flashcomm2_config(cfg: FlashComm2Config, vllm_config: Any,
 # --------------------------------------------------------------------------
 
 
-def get_flashcomm2_config(vllm_config: Any) -> FlashComm2Config:
-    """Parse (``os.environ`` + ``vllm_config.additional_config``), validate, log once."""
+def get_flashcomm2_config(
+    vllm_config: Any,
+    agree: Callable[[FlashComm2Config | None, str | None], None] | None = None,
+) -> FlashComm2Config:
+    """Parse (``os.environ`` + ``vllm_config.additional_config``), validate, log once.
+
+    ``agree(cfg, error)``, when given, runs between parsing and validation
+    with the parsed settings (or the parse error's message): the engine's
+    ranks compare their settings there, before anything acts on them
+    (``distributed/settings_agreement.py``)."""
     from vllm_ascend_ext.logger import init_logger
 
-    cfg = parse_flashcomm2_config(
-        os.environ, getattr(vllm_config, "additional_config", None) or {}
-    )
+    try:
+        cfg = parse_flashcomm2_config(
+            os.environ, getattr(vllm_config, "additional_config", None) or {}
+        )
+    except FlashComm2ConfigError as e:
+        if agree is not None:
+            agree(None, str(e))  # raises, naming every rank's problem
+        raise
+    if agree is not None:
+        agree(cfg, None)
     validate_flashcomm2_config(cfg, vllm_config)
     logger = init_logger(__name__)
     parallel = vllm_config.parallel_config

@@ -46,6 +46,42 @@ def vllm_cli() -> str:
     return str(cand) if cand.exists() else "vllm"
 
 
+def engine_args(model: str, dtype: str, speculative_config: dict | None = None,
+                log_stats: bool = False) -> list[str]:
+    """The ``vllm serve`` arguments every server this project starts shares:
+    small limits for a 2-core machine, eager mode, and the CPU attention
+    backend stated on purpose."""
+    from vllm_ascend_ext.cpu_attention import cpu_attention_backend, draft_speculative_config
+
+    # The MLA backend follows the dtype, never the CPU the run lands on,
+    # for the target and for a speculative draft alike.
+    backend = cpu_attention_backend(model, dtype)
+    spec = draft_speculative_config(speculative_config, backend)
+    return [
+        "--dtype", dtype, "--max-model-len", "512", "--max-num-seqs", "32",
+        "--enforce-eager",
+        *([] if log_stats else ["--disable-log-stats"]),
+        *(["--attention-backend", backend] if backend else []),
+        *(["--speculative-config", json.dumps(spec)] if spec else []),
+    ]
+
+
+def wait_healthy(base_url: str, deadline: float, exited) -> bool:
+    """Poll ``base_url/health`` until it answers 200 (True), ``exited()`` is
+    true, or ``deadline`` (monotonic) passes (False)."""
+    while time.monotonic() < deadline:
+        if exited():
+            return False
+        try:
+            with urllib.request.urlopen(base_url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(1.0)
+    return False
+
+
 @dataclass
 class VllmServer:
     model: str
@@ -71,23 +107,13 @@ class VllmServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        from vllm_ascend_ext.cpu_attention import cpu_attention_backend, draft_speculative_config
-
-        # The MLA backend follows the dtype, never the CPU the run lands on,
-        # for the target and for a speculative draft alike.
-        backend = cpu_attention_backend(self.model, self.dtype)
-        spec = draft_speculative_config(self.speculative_config, backend)
         return [
             vllm_cli(), "serve", self.model,
             "--host", "127.0.0.1", "--port", str(self.port),
             "--tensor-parallel-size", str(self.tp),
             "--pipeline-parallel-size", str(self.pp),
             "--data-parallel-size", str(self.dp),
-            "--dtype", self.dtype, "--max-model-len", "512", "--max-num-seqs", "32",
-            "--enforce-eager",
-            *([] if self.log_stats else ["--disable-log-stats"]),
-            *(["--attention-backend", backend] if backend else []),
-            *(["--speculative-config", json.dumps(spec)] if spec else []),
+            *engine_args(self.model, self.dtype, self.speculative_config, self.log_stats),
             *self.extra_args,
         ]
 
@@ -111,18 +137,12 @@ class VllmServer:
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"vllm serve exited with code {self._proc.returncode} during start-up; "
-                    f"log tail:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            time.sleep(1.0)
+        if wait_healthy(self.base_url, deadline, lambda: self._proc.poll() is not None):
+            return
+        if self._proc.poll() is not None:
+            raise RuntimeError(
+                f"vllm serve exited with code {self._proc.returncode} during start-up; "
+                f"log tail:\n{self.log_tail()}")
         self.stop()
         raise TimeoutError(f"vllm serve not healthy after {self.startup_timeout}s; "
                            f"log tail:\n{self.log_tail()}")
@@ -137,31 +157,7 @@ class VllmServer:
         """SIGINT (vLLM's graceful path), then SIGTERM, then SIGKILL the group."""
         if self._proc is None:
             return None
-        pgid = self._proc.pid
-        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 15), (signal.SIGKILL, 15)):
-            if self._proc.poll() is not None:
-                break
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self._proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
-        # Workers in the same session must be gone too.
-        try:
-            os.killpg(pgid, 0)
-            leftover = True
-        except ProcessLookupError:
-            leftover = False
-        if leftover:
-            time.sleep(2)
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        rc = self._proc.returncode
+        rc = stop_process_group(self._proc, timeout)
         self._proc = None
         if self._log_fh is not None:
             self._log_fh.close()
@@ -173,6 +169,32 @@ class VllmServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 60.0) -> int:
+    """Stop ``proc`` (started with ``start_new_session``) and every process of
+    its session: SIGINT (vLLM's graceful path), then SIGTERM, then SIGKILL.
+    Returns its exit code."""
+    pgid = proc.pid
+    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+    # Workers in the same session must be gone too.
+    if process_group_alive(pgid):
+        time.sleep(2)
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return proc.returncode
 
 
 def process_group_alive(pgid: int) -> bool:

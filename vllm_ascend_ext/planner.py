@@ -36,7 +36,7 @@ Conventions:
   replica: ``n = dp * P / k``, which divides each rank's o_proj memory
   further.  FlashComm2's own collectives stay inside one replica's ODP
   group of ``m = P / k`` ranks, so the traffic figures do not change.
-* Layer ownership and ring slots follow ``vllm_ascend_ext.ops.shared_weight``:
+* Layer ownership and ring slots follow ``vllm_ascend_ext.ops.shared_weight.ring_index``:
   layer ``i`` (global index) is owned by group rank ``i % n``; position
   ``p`` uses slot ``p % s``; a rank allocates only the slots some non-owned
   position maps to (``s = 0``: one buffer for a synchronous broadcast).

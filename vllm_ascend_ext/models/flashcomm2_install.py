@@ -163,8 +163,11 @@ def check_no_stale_o_proj(replaced: dict[str, weakref.ref]) -> None:
 
 def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | None:
     from vllm_ascend_ext.config import get_flashcomm2_config
+    from vllm_ascend_ext.distributed.settings_agreement import agree_on_settings
 
-    cfg = get_flashcomm2_config(vllm_config)
+    # Every rank agrees first, also one whose flags say FlashComm2 is off: a
+    # host with other flags would otherwise build other groups and hang.
+    cfg = get_flashcomm2_config(vllm_config, agree=agree_on_settings)
     if not cfg.enabled:
         return None
 
@@ -181,7 +184,7 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
     hf_config = vllm_config.model_config.hf_text_config
     state = FlashComm2ModelState(config=cfg)
     if cfg.oshared:
-        from vllm_ascend_ext.ops.shared_weight import SharedWeightSeries
+        from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
 
         state.series = SharedWeightSeries(
             name=f"o_proj.pp{get_pp_group().rank_in_group}.{next(_series_ids)}",

@@ -47,6 +47,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vllm_ascend_ext.ops.flashcomm2_plan import padded_token_count
+
 __all__ = [
     "SMALL_SIDE_ROUTES",
     "lookup_adaptive_layer",
@@ -164,8 +166,6 @@ def row_parallel_forward(layer: Any, x: torch.Tensor, sp: bool) -> torch.Tensor:
     if sp:
         # Token blocks of the padded count, as FlashComm2's (padding rows
         # come out as the bias there too).
-        from vllm_ascend_ext.ops.flashcomm2_oproj import padded_token_count
-
         num_tokens = x.shape[0]
         x = F.pad(x, (0, 0, 0, padded_token_count(num_tokens, tp.world_size) - num_tokens))
     lo, hi = i * a_local, (i + 1) * a_local
@@ -217,8 +217,6 @@ def _adaptive_oproj(x: torch.Tensor, layer_key: str, sequence_parallel: bool) ->
 
 def _adaptive_oproj_fake(x: torch.Tensor, layer_key: str,
                          sequence_parallel: bool) -> torch.Tensor:
-    from vllm_ascend_ext.ops.flashcomm2_oproj import padded_token_count
-
     layer = lookup_adaptive_layer(layer_key)
     rows = x.shape[0]
     if sequence_parallel:

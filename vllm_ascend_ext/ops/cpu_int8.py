@@ -68,7 +68,7 @@ def keep_int8_weight_plain(layer: nn.Module, post_load: Callable,
     if kernel is None or not takes_onednn_route(layer, kernel):
         return post_load  # AMX route: a plain VNNI-packed tensor already
     if not kernel.config.input_symmetric:
-        from vllm_ascend_ext.ops.shared_weight import SharedWeightError
+        from vllm_ascend_ext.ops.shared_weight.errors import SharedWeightError
 
         raise SharedWeightError(
             f"layer {layer_name!r}: {type(getattr(layer, 'scheme', kernel)).__name__} with "
