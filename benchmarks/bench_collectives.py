@@ -5,7 +5,8 @@
     # one rank per host (run both; rank 0 writes --out)
     GLOO_SOCKET_IFNAME=eth0 .venv/bin/python benchmarks/bench_collectives.py \\
         --rank 0 --world-size 2 --master-addr 10.0.0.1 --master-port 29511 --out r.json
-    # (root) two network namespaces joined by a veth shaped to RATE each way
+    # (root) two emulated hosts (vllm_ascend_ext.multinode.netns.TwoHosts),
+    # their veth shaped to RATE each way
     .venv/bin/python benchmarks/bench_collectives.py --shaped-link 200mbit --out r.json
 
 For each tensor size, in interleaved rounds (the order rotates each round),
@@ -19,10 +20,12 @@ the time until both ranks are done with:
   FlashComm2 runs (on gloo: the pairwise isend/irecv exchange).
 
 Bytes per direction at P = 2: all-reduce N (ring: reduce-scatter N/2, then
-all-gather N/2), all-to-all N/2.  At bytes / rate the all-to-all takes 0.5 of
+all-gather N/2), all-to-all N/2.  Where gloo's interface is a real one
+(``GLOO_SOCKET_IFNAME``, not loopback), rank 0 also reads its counters around
+every op: the bytes that really crossed the link each way.  At bytes / rate the all-to-all takes 0.5 of
 the all-reduce; the target (issue 21) is <= 0.6 on a shaped link.
 
-``--cpu-shm`` (local mode only) also gives the two ranks vLLM CPU's
+``--cpu-shm`` (ranks on one host) also gives the two ranks vLLM CPU's
 shared-memory communicator on their TP group, as a vLLM CPU worker on one node
 has, and adds the one-host paths of the other collectives: the TP all-gather
 through gloo vs through ours (shared memory), and vLLM's shared-memory
@@ -49,8 +52,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-NS_PREFIX = "fc2c-"  # every namespace and interface this script creates
-NS_SUBNET = "10.213.7"
 
 
 # --------------------------------------------------------------------------
@@ -58,22 +59,39 @@ NS_SUBNET = "10.213.7"
 # --------------------------------------------------------------------------
 
 
-def _timed_rounds(ops, rounds, warmup, barrier):
-    """{name: [seconds per round]} with the op order rotated every round."""
+def _link_counters():
+    """(tx, rx) bytes of gloo's interface, or None on loopback / no such
+    interface (loopback also carries every other process's traffic)."""
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME", "")
+    stats = Path("/sys/class/net") / ifname / "statistics"
+    if not ifname or ifname == "lo" or not stats.is_dir():
+        return None
+    return lambda: (int((stats / "tx_bytes").read_text()),
+                    int((stats / "rx_bytes").read_text()))
+
+
+def _timed_rounds(ops, rounds, warmup, barrier, counters=None):
+    """({name: [seconds per round]}, {name: [(tx, rx) per round]}) with the
+    op order rotated every round."""
     names = list(ops)
     times = {n: [] for n in names}
+    wire = {n: [] for n in names}
     for r in range(warmup + rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             prepare, run = ops[name]
             prepare()
             barrier()
+            before = counters() if counters else None
             t0 = time.perf_counter()
             run()
             dt = time.perf_counter() - t0
             if r >= warmup:
                 times[name].append(dt)
-    return times
+                if counters:
+                    after = counters()
+                    wire[name].append((after[0] - before[0], after[1] - before[1]))
+    return times, wire
 
 
 def _rank_main(args) -> None:
@@ -131,7 +149,8 @@ def _rank_main(args) -> None:
                 gathered, part, group=tp.device_group))
             ops["all_gather ours"] = (lambda: None, lambda: all_gather_dim0(part, tp))
             ops["all_reduce shm"] = (lambda: red.copy_(x), lambda: shm.all_reduce(red))
-        times = _timed_rounds(ops, args.rounds, args.warmup, cpu_barrier)
+        counters = _link_counters()
+        times, wire = _timed_rounds(ops, args.rounds, args.warmup, cpu_barrier, counters)
         # per round: the slower rank's time (the collective is done when both are)
         mine = torch.tensor([times[n] for n in ops], dtype=torch.float64)
         dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group.cpu_group)
@@ -153,6 +172,12 @@ def _rank_main(args) -> None:
                       "ours / all_to_all_single": ratio("ours", "all_to_all_single")},
             "samples_ms": {n: [t * 1e3 for t in v] for n, v in per_op.items()},
         }
+        if counters:
+            # rank 0's interface, median over rounds; includes TCP/IP headers
+            entry["link_bytes_rank0"] = {
+                n: {"sent": statistics.median(t for t, _ in v),
+                    "received": statistics.median(r for _, r in v)}
+                for n, v in wire.items()}
         if args.cpu_shm:
             entry["ratio"]["all_gather ours / gloo"] = ratio("all_gather ours", "all_gather gloo")
             entry["ratio"]["all_reduce shm / gloo"] = ratio("all_reduce shm", "all_reduce")
@@ -199,6 +224,14 @@ def _write(args, results) -> None:
             lines.append(f"| {e['mib']} | {m['all_gather gloo']:.3f} | "
                          f"{m['all_gather ours']:.3f} | {m['all_reduce']:.3f} | "
                          f"{m['all_reduce shm']:.3f} |")
+    if any("link_bytes_rank0" in e for e in results):
+        lines += ["", "Bytes over the link per op (rank 0 sent / received, median):", "",
+                  "| MiB | " + " | ".join(results[0]["link_bytes_rank0"]) + " |",
+                  "|---|" + "---|" * len(results[0]["link_bytes_rank0"])]
+        for e in results:
+            cells = [f"{v['sent'] / 2**20:.2f} / {v['received'] / 2**20:.2f} MiB"
+                     for v in e["link_bytes_rank0"].values()]
+            lines.append(f"| {e['mib']} | " + " | ".join(cells) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -252,41 +285,6 @@ def _run_pair(cmds: list[list[str]], envs: list[dict], timeout: float) -> None:
         raise SystemExit(f"a rank failed with exit code(s) {bad}")
 
 
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True)
-
-
-@contextlib.contextmanager
-def _namespace_pair(rate: str):
-    """Two namespaces ``fc2c-<pid>-a`` / ``-b`` joined by a veth whose ends
-    are each shaped to ``rate`` (tbf), addresses in 10.213.7.0/24; removed on
-    every way out (deleting a namespace deletes its veth end, and the pair)."""
-    tag = f"{NS_PREFIX}{os.getpid()}"
-    ns = [f"{tag}-a", f"{tag}-b"]
-    ifs = [f"{NS_PREFIX}{os.getpid() % 100000}a", f"{NS_PREFIX}{os.getpid() % 100000}b"]
-    addrs = [f"{NS_SUBNET}.1", f"{NS_SUBNET}.2"]
-    created = []
-    try:
-        for n in ns:
-            _sh("ip", "netns", "add", n)
-            created.append(n)
-        _sh("ip", "link", "add", ifs[0], "type", "veth", "peer", "name", ifs[1])
-        for n, i, a in zip(ns, ifs, addrs):
-            _sh("ip", "link", "set", i, "netns", n)
-            _sh("ip", "-n", n, "addr", "add", f"{a}/24", "dev", i)
-            _sh("ip", "-n", n, "link", "set", i, "up")
-            _sh("ip", "-n", n, "link", "set", "lo", "up")
-            _sh("ip", "netns", "exec", n, "tc", "qdisc", "add", "dev", i, "root",
-                "tbf", "rate", rate, "burst", "64kb", "latency", "100ms")
-        yield list(zip(ns, ifs, addrs))
-    finally:
-        for n in created:
-            subprocess.run(["ip", "netns", "del", n], check=False)
-        # a veth left in the root namespace if a move failed
-        subprocess.run(["ip", "link", "del", ifs[0]], check=False,
-                       stderr=subprocess.DEVNULL)
-
-
 def _local(args) -> None:
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -295,14 +293,13 @@ def _local(args) -> None:
 
 
 def _shaped(args) -> None:
-    with _namespace_pair(args.shaped_link) as hosts:
-        master = hosts[0][2]
-        port = 29000 + os.getpid() % 1000
-        cmds, envs = [], []
-        for rank, (ns, ifname, addr) in enumerate(hosts):
-            cmds.append(["ip", "netns", "exec", ns, *_rank_cmd(args, rank, master, port)])
-            envs.append(dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=ifname,
-                             VLLM_HOST_IP=addr))
+    from vllm_ascend_ext.multinode.netns import TwoHosts
+
+    with TwoHosts(rate=args.shaped_link) as hosts:
+        port = 29511
+        cmds = [h.command(_rank_cmd(args, h.index, hosts.head.address, port))
+                for h in hosts.hosts]
+        envs = [dict(os.environ, OMP_NUM_THREADS="1", **h.env()) for h in hosts.hosts]
         _run_pair(cmds, envs, args.timeout)
 
 
@@ -315,7 +312,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--cpu-shm", action="store_true",
-                   help="local mode: the TP group gets vLLM CPU's shared-memory path")
+                   help="ranks on one host: the TP group gets vLLM CPU's shared-memory path")
     p.add_argument("--shaped-link", metavar="RATE",
                    help="(root) run across two fresh namespaces, veth shaped to RATE")
     p.add_argument("--rank", type=int, help="run one rank (with --master-addr/--master-port)")
@@ -330,8 +327,8 @@ def main(argv=None) -> None:
         p.error(f"--world-size: this benchmark runs 2 ranks, got {args.world_size}")
     if args.rounds < 1 or args.warmup < 0:
         p.error(f"--rounds must be >= 1 and --warmup >= 0, got {args.rounds}, {args.warmup}")
-    if args.cpu_shm and (args.shaped_link or args.rank is not None):
-        p.error("--cpu-shm: shared memory is a one-host path; use it in the local mode only")
+    if args.cpu_shm and args.shaped_link:
+        p.error("--cpu-shm: shared memory is a one-host path; not with --shaped-link")
     if args.rank is not None:
         if args.rank not in (0, 1):
             p.error(f"--rank must be 0 or 1, got {args.rank}")
