@@ -7,7 +7,10 @@ stack).  Every worker process:
 2. joins a gloo world through a free TCP port on 127.0.0.1,
 3. optionally builds vLLM's groups (``init_distributed_environment`` +
    ``initialize_model_parallel``) under a default ``VllmConfig`` so that
-   ``get_tp_group()`` & co. return real ``GroupCoordinator`` objects,
+   ``get_tp_group()`` & co. return real ``GroupCoordinator`` objects
+   (``cpu_shm=True``: first loads vLLM's ``_C`` kernels and names the
+   instance, as vLLM's CPU worker does, so that the TP group gets vLLM's
+   shared-memory communicator),
 4. calls ``fn(rank, world_size, *args)`` and sends its (picklable) return
    value back to the parent,
 5. tears the groups down again.
@@ -72,6 +75,7 @@ def _worker(
     port: int,
     init_vllm: bool,
     tp_size: int | None,
+    cpu_shm: bool,
     env: dict[str, str],
     results: Any,
     fn: Callable[..., Any],
@@ -90,6 +94,13 @@ def _worker(
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         init_method = f"tcp://127.0.0.1:{port}"
+        if cpu_shm:
+            # What vLLM's CPU worker does before it builds the groups: the
+            # kernels' import registers torch.ops._C.init_shm_manager, and
+            # the identifier keeps concurrent worlds' segments apart.
+            import vllm._C  # noqa: F401
+
+            os.environ["VLLM_DIST_IDENT"] = f"dist-utils-{port}"
         if init_vllm:
             from vllm.config import VllmConfig, set_current_vllm_config
             from vllm.distributed import (
@@ -139,12 +150,14 @@ def run_distributed(
     init_vllm: bool = True,
     tp_size: int | None = None,
     env: dict[str, str] | None = None,
+    cpu_shm: bool = False,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes.
 
     Returns the per-rank return values (index = rank).  ``init_vllm=False``
     gives a bare ``torch.distributed`` gloo world without vLLM's groups.
     ``tp_size`` (default: ``world_size``) sizes vLLM's TP group.
+    ``cpu_shm`` gives it vLLM CPU's shared-memory communicator.
     """
     if world_size < 1:
         raise ValueError("world_size must be >= 1")
@@ -154,8 +167,8 @@ def run_distributed(
     procs = [
         ctx.Process(
             target=_worker,
-            args=(r, world_size, port, init_vllm, tp_size, dict(env or {}),
-                  results, fn, args),
+            args=(r, world_size, port, init_vllm, tp_size, cpu_shm,
+                  dict(env or {}), results, fn, args),
             daemon=True,
         )
         for r in range(world_size)

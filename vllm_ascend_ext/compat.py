@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
+import torch
+import torch.distributed
 import torch.nn as nn
 
 
@@ -96,3 +99,32 @@ def max_tokens_across_dp() -> int | None:
     meta = getattr(get_forward_context(), "dp_metadata", None)
     counts = getattr(meta, "num_tokens_across_dp_cpu", None)
     return None if counts is None else int(counts.max())
+
+
+# --- vLLM CPU's shared-memory collectives -------------------------------------
+#
+# vLLM 0.27.1 and 0.32.0 (read in both; the same code): ``CpuCommunicator``
+# keeps the collectives it runs in ``dist_module``: a ``_CPUSHMDistributed``
+# (shared-memory kernels: all_reduce that sums, gather, all_gather_into_tensor)
+# when the group's name starts with ``tp`` or ``pp``, vLLM's ``_C`` extension
+# is loaded and every rank of the group agrees on one shared-memory name (one
+# node); torch.distributed itself otherwise. vLLM has no public accessor. The
+# kernels dispatch on floating dtypes only (csrc/cpu/shm.cpp,
+# VLLM_DISPATCH_FLOATING_TYPES).
+CPU_SHM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cpu_shm_collectives(group: Any) -> Any | None:
+    """vLLM CPU's shared-memory collectives of a ``GroupCoordinator``, or None
+    where vLLM did not give the group any (not CPU, several nodes, other name)."""
+    comm = getattr(group, "device_communicator", None)
+    module = getattr(comm, "dist_module", None)
+    if module is None or module is torch.distributed:
+        return None
+    try:
+        from vllm.distributed.device_communicators.cpu_communicator import (
+            _CPUSHMDistributed,
+        )
+    except ImportError:  # a vLLM that moved it: no shared-memory path
+        return None
+    return module if isinstance(module, _CPUSHMDistributed) else None

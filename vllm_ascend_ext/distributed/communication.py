@@ -3,9 +3,9 @@
 torch.compile cannot trace a ``GroupCoordinator`` argument, so -- like vLLM's
 own ``torch.ops.vllm.all_gather`` -- each op takes the coordinator's
 ``unique_name`` and looks the coordinator up in vLLM's group registry at run
-time.  The real implementations call plain ``torch.distributed`` collectives
-on the coordinator's ``device_group`` (gloo on CPU, HCCL on Ascend, NCCL on
-CUDA); the fake implementations only describe the output shape.
+time.  The real implementations run on the coordinator's ``device_group``
+(gloo on CPU, HCCL on Ascend, NCCL on CUDA); the fake implementations only
+describe the output shape.
 
 The first three work on dim 0 with equal splits:
 
@@ -19,6 +19,29 @@ The first three work on dim 0 with equal splits:
 ``flashcomm2_all_reduce_max(x, group_name)`` is the elementwise maximum over
 the group (the int8 all-to-all agrees on per-token scales with it).
 
+Which path each collective takes (chosen per op from the group):
+
+* all-to-all: on gloo, a pairwise exchange (:func:`all_to_all_is_pairwise`
+  says why); any other backend (HCCL, NCCL) its native ``all_to_all_single``.
+  No device communicator vLLM or vllm-ascend ships offers a plain all-to-all
+  (vLLM CPU's shared-memory kernels have none either).
+* all-gather: on a CPU group that vLLM gave its shared-memory communicator
+  (the TP group, when all its ranks share one node), vLLM's shared-memory
+  all-gather -- the path vLLM's own TP all-gather takes there -- for the
+  dtypes those kernels handle; otherwise ``torch.distributed``.
+* reduce-scatter and all-reduce(MAX): ``torch.distributed``.  vLLM CPU's
+  communicator has no shared-memory reduce-scatter (it calls the same gloo
+  reduce-scatter) and its shared-memory all-reduce only sums; vllm-ascend's
+  NPU communicator calls the same HCCL collectives as these ops do.
+* CUDA: vLLM's communicator would send reduce-scatter and all-gather through
+  pynccl or NVLS symmetric memory; not taken, because nothing here can run
+  it and this plugin's targets are Ascend and CPU.
+
+Our OTP / ODP groups get vLLM's CPU communicator but never its shared-memory
+path (vLLM grants that only to groups named ``tp*`` / ``pp*``), and they need
+none: none of their collectives (all-to-all, all-reduce(MAX), reduce-scatter)
+has a shared-memory kernel.
+
 For tests, :func:`set_poison_outputs` makes every op fill its freshly
 allocated output with NaN before the collective writes it, so a region the
 collective fails to write cannot pass for data.
@@ -31,10 +54,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vllm_ascend_ext.compat import CPU_SHM_DTYPES, cpu_shm_collectives
+
 __all__ = [
     "all_gather_dim0",
     "all_reduce_max",
     "all_to_all_dim0",
+    "all_to_all_is_pairwise",
     "lookup_group",
     "poison_outputs_enabled",
     "reduce_scatter_dim0",
@@ -83,9 +109,44 @@ def lookup_group(group_name: str) -> Any:
     return group
 
 
+def all_to_all_is_pairwise(backend: str) -> bool:
+    """Whether the all-to-all on a ``backend`` group is a pairwise exchange.
+
+    gloo's ``all_to_all_single`` does not send both directions at once:
+    across a 200 mbit link, 4 MiB fp32, it took 171 ms for half the bytes of
+    a 176 ms all_reduce, while isend/irecv of the same halves, all posted at
+    once, took 89 ms = bytes / rate (FACTS.md, "Two hosts on one machine").
+    HCCL and NCCL have native all-to-all kernels; they keep them.
+    """
+    return str(backend) == "gloo"
+
+
 # --------------------------------------------------------------------------
 # real implementations
 # --------------------------------------------------------------------------
+
+
+def _pairwise_all_to_all(out: torch.Tensor, x: torch.Tensor, group: Any) -> None:
+    """``all_to_all_single(out, x)`` as one isend and one irecv per peer,
+    all posted before any is waited on, so that every direction of every
+    link carries its chunk at the same time; the own chunk is a local copy."""
+    P, me = group.world_size, group.rank_in_group
+    rows = x.shape[0] // P
+    send = x.view(P, rows, *x.shape[1:])
+    recv = out.view(P, rows, *x.shape[1:])
+    recv[me].copy_(send[me])
+    if x.numel() == 0:
+        return  # same shape on every rank: nobody sends either
+    pending = []
+    for step in range(1, P):
+        # Peers in a rotating order, so that P > 2 ranks do not all start
+        # on the same peer.
+        peer = (me + step) % P
+        peer_rank = group.ranks[peer]
+        pending.append(dist.irecv(recv[peer], src=peer_rank, group=group.device_group))
+        pending.append(dist.isend(send[peer], dst=peer_rank, group=group.device_group))
+    for work in pending:
+        work.wait()
 
 
 def _all_to_all(x: torch.Tensor, group_name: str) -> torch.Tensor:
@@ -97,7 +158,10 @@ def _all_to_all(x: torch.Tensor, group_name: str) -> torch.Tensor:
         )
     x = x.contiguous()
     out = _new_output(x.shape, x)
-    dist.all_to_all_single(out, x, group=group.device_group)
+    if all_to_all_is_pairwise(dist.get_backend(group.device_group)):
+        _pairwise_all_to_all(out, x, group)
+    else:
+        dist.all_to_all_single(out, x, group=group.device_group)
     return out
 
 
@@ -123,7 +187,11 @@ def _all_gather(x: torch.Tensor, world_size: int, group_name: str) -> torch.Tens
         )
     x = x.contiguous()
     out = _new_output([x.shape[0] * world_size, *x.shape[1:]], x)
-    _all_gather_impl(out, x, group=group.device_group)
+    shm = cpu_shm_collectives(group)
+    if shm is not None and x.dtype in CPU_SHM_DTYPES:
+        shm.all_gather_into_tensor(out, x, group=group.device_group)
+    else:
+        _all_gather_impl(out, x, group=group.device_group)
     return out
 
 
