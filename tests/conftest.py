@@ -21,6 +21,24 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 
+#: The vllm-ascend leg (``make test-ascend``) runs in a pytest process of its
+#: own: its bootstrap makes vllm-ascend's NPUPlatform the current platform and
+#: stands in for torch_npu for the whole process (tests/ascend_real/bootstrap.py).
+ASCEND_LEG = "ascend_real"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--ascend-real", action="store_true", default=False,
+                     help=f"run tests/{ASCEND_LEG} (only that folder: its own process)")
+
+
+def pytest_ignore_collect(collection_path, config):
+    in_leg = ASCEND_LEG in Path(collection_path).parts
+    if config.getoption("--ascend-real"):
+        return None if in_leg or collection_path == Path(__file__).parent else True
+    return True if in_leg else None
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """``tiny_model(arch) -> Path`` of a saved tiny checkpoint."""

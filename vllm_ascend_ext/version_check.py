@@ -106,6 +106,10 @@ class AscendLine:
     cann: str
     python: str
     source: str
+    #: the vllm-ascend commit the row was read at (as much of the hash as was
+    #: recorded); main's is the source the vllm-ascend test leg imports
+    #: (tests/ascend_real)
+    commit: str = ""
 
 
 #: The lines inside :data:`SUPPORTED_VLLM_RANGE` (read 2026-11-28 from
@@ -123,6 +127,7 @@ ASCEND_LINES: tuple[AscendLine, ...] = (
                "(torch, torch-npu), Dockerfile (CANN base cann:9.0.1-910b-ubuntu22.04-py3.12); "
                "image tag scheme: docs/source/installation.md, "
                ".github/workflows/schedule_image_build_and_push.yaml",
+        commit="9bf964cb",
     ),
     AscendLine(
         name="releases/v0.26.0rc",
@@ -131,6 +136,7 @@ ASCEND_LINES: tuple[AscendLine, ...] = (
         cann="9.1.0", python="3.12",
         source="branch releases/v0.26.0rc (cf0baa38): .github/vllm-release-tag.commit, "
                "requirements.txt, Dockerfile",
+        commit="cf0baa38",
     ),
     AscendLine(
         name="main",
@@ -139,6 +145,7 @@ ASCEND_LINES: tuple[AscendLine, ...] = (
         cann="9.1.0", python="3.12",
         source="main @ 182b75ea (2026-08-22): versioning_policy.md 'main' row "
                "(mkdocs.yml variables), requirements.txt, Dockerfile",
+        commit="182b75ea84ff13ece27b57391331ef8935410aea",
     ),
 )
 DEFAULT_ASCEND_LINE = ASCEND_LINES[0]

@@ -175,11 +175,15 @@ def _ascend_route(layer: nn.Module) -> Int8Input | None:
 def int8_input_of(layer: nn.Module) -> Int8Input | None:
     """The int8 route of ``layer``'s processed quant method, or None.
 
+    Chosen by what the method is, not by the weight's device: vllm-ascend's
+    wrapper gets the Ascend route (or none), anything else the CPU kernel's.
+    (vllm-ascend's classes only run on NPUs in production; tests/ascend_real
+    runs the real ones on CPU tensors, through this same selection.)
     Read from the live kernel objects after ``process_weights_after_loading``;
     under torch.compile it is evaluated once, while tracing.
     """
-    weight = getattr(layer, "weight", None)
-    device = getattr(weight, "device", None)
-    if device is not None and device.type == "npu":
+    from vllm_ascend_ext.ops.quant_terms import takes_rank
+
+    if takes_rank(getattr(layer, "quant_method", None)):
         return _ascend_route(layer)
     return _cpu_route(layer)
