@@ -105,19 +105,39 @@ def _mixed_passes(rank, world_size, start, step, compiled, seed):
     finally:
         restore()
     report = series.memory_report()
+    series.close()
     return {"passes": passes, "calls": [list(layer.adaptive_calls) for layer in layers],
             "slice_bytes": sum(resident_slice_bytes(layer) for layer in layers),
             "resident_bytes": report.resident_bytes, "per_layer_bytes": report.per_layer_bytes}
 
 
-@pytest.mark.parametrize("start,step,compiled", [
+CASES = [
     (0, 1, False),
     (7, 2, False),  # a later PP stage's series, where upstream's ring index broke
     (0, 1, True),   # torch.compile: the switch and the ring hooks in one graph
-])
-def test_small_passes_move_no_oshared_bytes_and_match_plain_tp(start, step, compiled):
-    out = run_distributed(_mixed_passes, 2, start, step, compiled, 5 + start + step,
-                          timeout=300)
+]
+
+
+def _every_case(rank, world_size):
+    """All cases in one world (each its own groups and series)."""
+    from vllm_ascend_ext.distributed.parallel_state import destroy_flashcomm2_groups
+
+    out = []
+    for start, step, compiled in CASES:
+        out.append(_mixed_passes(rank, world_size, start, step, compiled, 5 + start + step))
+        destroy_flashcomm2_groups()
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed_runs():
+    per_rank = run_distributed(_every_case, 2, timeout=400)
+    return {case: [per_rank[r][i] for r in range(2)] for i, case in enumerate(CASES)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=["start0-step1", "start7-step2", "compiled"])
+def test_small_passes_move_no_oshared_bytes_and_match_plain_tp(case, mixed_runs):
+    out = mixed_runs[case]
     for rank, res in enumerate(out):
         kinds = {p["T"] <= THRESHOLD for p in res["passes"]}
         assert kinds == {True, False}, "the sequence must mix both sides"

@@ -168,19 +168,28 @@ def _serve_and_lose_worker(pair: TwoHosts, model: str, env: dict, label: str) ->
 
 
 @pytest.mark.parametrize("arch", arch_params(["Qwen3ForCausalLM", "DeepseekV3ForCausalLM"]))
-def test_two_host_oshared_matches_plain_tp(arch, tiny_model, hosts):
+def test_two_host_oshared_matches_plain_tp(arch, tiny_model, hosts, engines):
+    """Qwen3: against plain TP served on the same two hosts (whose host loss
+    is the baseline below). DeepSeek: against the suite's offline plain-TP2
+    engine on the same checkpoint (CI time: a second two-host start buys no
+    more coverage there; plain TP's arithmetic does not depend on the hosts,
+    as the Qwen3 case shows)."""
     skip_without_cpu_mla(arch)
     model = str(tiny_model(arch))
     # Host loss is measured once, on the Qwen3 servers (plain TP first).
     lose = arch == "Qwen3ForCausalLM"
-    plain, plain_logs, plain_link = _serve_and_lose_worker(
-        hosts, model, {}, "plain TP" if lose else "")
+    if lose:
+        plain, plain_logs, plain_link = _serve_and_lose_worker(hosts, model, {}, "plain TP")
+    else:
+        plain, plain_logs, plain_link = engines.run(arch, tp=2).outputs, [], None
     ours, logs, link = _serve_and_lose_worker(
         hosts, model, OSHARED, "FlashComm2 + o_shared" if lose else "")
-    worst = assert_prompt_logprobs_close(plain, ours, names=("plain TP, 2 hosts", "o_shared"))
-    assert_greedy_close(plain, ours, names=("plain TP, 2 hosts", "o_shared"))
+    ref_name = "plain TP, 2 hosts" if lose else "plain TP2, one host"
+    worst = assert_prompt_logprobs_close(plain, ours, names=(ref_name, "o_shared, 2 hosts"))
+    assert_greedy_close(plain, ours, names=(ref_name, "o_shared, 2 hosts"))
     print(f"\n{arch} two hosts: o_shared vs plain TP max prompt-logprob gap {worst:.2e}; "
-          f"link bytes for the requests {link.total} vs {plain_link.total}")
+          f"link bytes for the requests {link.total}"
+          + (f" vs plain TP {plain_link.total}" if plain_link else ""))
     for text in logs + plain_logs:
         # Both hosts checked each other's settings, and really were two nodes.
         assert AGREED in text and "on 2 host(s)" in text
