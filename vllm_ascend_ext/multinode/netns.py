@@ -168,8 +168,19 @@ def _close_all() -> None:
         hosts.close()
 
 
-def _on_signal(signum, frame):  # noqa: ARG001
+_previous_handlers: dict[int, object] = {}
+
+
+def _on_signal(signum, frame):
+    # A second signal (``timeout``, ``pkill`` and shells often send two) must
+    # not cut the clean-up short: ignore it until the namespaces are gone.
+    signal.signal(signum, signal.SIG_IGN)
     _close_all()
+    previous = _previous_handlers.get(signum)
+    if callable(previous):
+        signal.signal(signum, previous)
+        previous(signum, frame)
+        return
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 
@@ -185,8 +196,10 @@ def _install_exit_hooks() -> None:
     atexit.register(_close_all)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(sig) in (signal.SIG_DFL, None):
-                signal.signal(sig, _on_signal)
+            # Whoever handled the signal before (vLLM, pytest) still does,
+            # after the namespaces are deleted.
+            _previous_handlers[sig] = signal.getsignal(sig)
+            signal.signal(sig, _on_signal)
 
 
 _counter = iter(range(1, 1 << 30))
