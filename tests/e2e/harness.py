@@ -67,7 +67,6 @@ class EngineResult:
 # Test-only vLLM plugins, each loaded in every engine and worker process when
 # its folder is on PYTHONPATH (vLLM's ``vllm.general_plugins`` entry point).
 PRETEND_AMX_PLUGIN = HERE / "cpu_kind_emulation"
-ASCEND_MLA_PLUGIN = HERE / "ascend_emulation"
 
 
 def with_plugin(env: dict[str, str] | None, folder: Path) -> dict[str, str]:
