@@ -36,18 +36,26 @@ def _agree_with_env(rank, world_size, cases, timeout_s):
 
 
 def _publish_nothing_on_rank(rank, world_size, skip_rank, timeout_s):
-    """Rank ``skip_rank`` never publishes (a host without the plugin)."""
+    """Rank ``skip_rank`` never publishes (a host without the plugin) but
+    stays up until the others have given up, as such a host would."""
+    from datetime import timedelta
+
+    from torch.distributed.distributed_c10d import _get_default_store
+
     from vllm_ascend_ext.distributed.settings_agreement import agree_on_settings
 
+    store = _get_default_store()
     if rank == skip_rank:
-        time.sleep(timeout_s + 2)
+        store.wait(["test/others-done"], timedelta(seconds=240))
         return ("skipped",)
     t0 = time.monotonic()
     try:
         agree_on_settings(parse_flashcomm2_config({}, {}), timeout_s=timeout_s)
-        return ("ok",)
+        result = ("ok",)
     except FlashComm2ConfigError as e:
-        return ("error", str(e), time.monotonic() - t0)
+        result = ("error", str(e), time.monotonic() - t0)
+    store.set("test/others-done", "1")
+    return result
 
 
 ON = {"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "1", "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED": "1"}
@@ -119,7 +127,7 @@ def test_a_rank_that_cannot_parse_its_flags_is_named_on_every_rank(verdicts):
 
 
 def test_a_rank_that_never_reports_times_out_with_a_bounded_wait():
-    out = run_distributed(_publish_nothing_on_rank, 2, 1, 3.0, init_vllm=False, timeout=60)
+    out = run_distributed(_publish_nothing_on_rank, 2, 1, 3.0, init_vllm=False, timeout=240)
     assert out[1] == ("skipped",)
     # It raised rather than hung (run_distributed's timeout guards the wait);
     # how long it took is not asserted: a loaded machine stretches it.
