@@ -145,7 +145,7 @@ def adaptive_small_side(rank: int, P: int, ks: tuple[int, ...]) -> dict:
 
 
 def _slot_storages(series: Any) -> set[int]:
-    return {t.untyped_storage().data_ptr() for buf in series._slots.values() for t in buf.views}
+    return {t.untyped_storage().data_ptr() for buf in series.ring.slots.values() for t in buf.views}
 
 
 def oshared_over_real_w8a8(rank: int, P: int, k: int, num_layers: int = 4) -> dict:
@@ -153,7 +153,7 @@ def oshared_over_real_w8a8(rank: int, P: int, k: int, num_layers: int = 4) -> di
     Each layer has its own input scale, so a slot or attribute that kept
     another layer's state would change the outputs."""
     from vllm_ascend_ext.distributed.parallel_state import get_flashcomm2_oshared_group
-    from vllm_ascend_ext.ops.shared_weight import SharedWeightSeries
+    from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
 
     scheme = "W8A8"
     ckpts = [L.checkpoint(scheme, seed=10 + i, input_scale=0.04 + 0.01 * i)

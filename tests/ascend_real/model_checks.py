@@ -191,8 +191,14 @@ def mla_forward_through_real_impl(rank: int, vllm_config: Any) -> dict:
     from vllm.config import set_current_vllm_config
     from vllm_ascend.ascend_forward_context import set_ascend_forward_context
 
-    configs = {"ours": fresh(vllm_config), "plain": fresh(vllm_config)}
-    models = {"ours": build_model(configs["ours"]),
+    # "ours": FlashComm2 on every pass (threshold 0), so each layer runs the
+    # ring; "slice": the default threshold, under which these small batches
+    # run the resident slice (vllm-ascend's own AscendRowParallelLinear).
+    configs = {"ours": fresh(vllm_config), "slice": fresh(vllm_config),
+               "plain": fresh(vllm_config)}
+    configs["ours"].additional_config = {**configs["ours"].additional_config,
+                                         "flashcomm2_adaptive_tokens": 0}
+    models = {"ours": build_model(configs["ours"]), "slice": build_model(configs["slice"]),
               "plain": build_model(configs["plain"], ours=False)}
     hf = vllm_config.model_config.hf_text_config
     L, h = hf.num_hidden_layers, hf.hidden_size
@@ -200,7 +206,7 @@ def mla_forward_through_real_impl(rank: int, vllm_config: Any) -> dict:
     weights = _o_proj_weights(L, h, a)
     tp = vllm_config.parallel_config.tensor_parallel_size
     a_local = a // tp
-    calls: dict[str, list] = {"ours": [], "plain": []}
+    calls: dict[str, list] = {name: [] for name in models}
     feed: dict = {}
     for name, model in models.items():
         load_o_projs(model, weights)
@@ -238,7 +244,8 @@ def mla_forward_through_real_impl(rank: int, vllm_config: Any) -> dict:
                 for i, layer in enumerate(layers):
                     feed["out"] = heads[i]
                     ys[name].append(layer.self_attn(positions, hidden, None))
-        gap = max(float((y - z).abs().max()) for y, z in zip(ys["ours"], ys["plain"]))
+        gap = max(float((y - z).abs().max()) for name in ("ours", "slice")
+                  for y, z in zip(ys[name], ys["plain"]))
         scale = max(float(z.abs().max()) for z in ys["plain"])
         math = max(float((y - f @ w.t()).abs().max())
                    for y, f, w in zip(ys["ours"], full, weights))
@@ -246,10 +253,16 @@ def mla_forward_through_real_impl(rank: int, vllm_config: Any) -> dict:
     out["is_prefill"] = calls
     out["o_proj_classes"] = {n: sorted({_qualname(l.self_attn.o_proj) for l in m.model.layers})
                              for n, m in models.items()}
-    series = models["ours"].flashcomm2.series
-    out["series"] = None if series is None else {
-        "layers": len(series.layers), "waits": series.num_waits,
-        "broadcasts": series.num_broadcasts}
+    out["series"] = {}
+    for name in ("ours", "slice"):
+        series = models[name].flashcomm2.series
+        out["series"][name] = {
+            "layers": len(series.layers), "waits": series.num_waits,
+            "broadcasts": series.num_broadcasts,
+            "row_parallel_calls": sum(l.self_attn.o_proj.adaptive_calls[1]
+                                      for l in models[name].model.layers)}
+    out["slice_classes"] = sorted({_qualname(l.self_attn.o_proj.resident_slice)
+                                   for l in models["slice"].model.layers})
     for m in models.values():
         close(m)
     return out

@@ -79,14 +79,19 @@ def test_real_mla_impl_forward_runs_our_o_proj_with_is_prefill(two_rank_world):
     for _, num_decodes, prefills in BATCHES:
         expected += [bool(prefills)] * NUM_HIDDEN
     for r in result(two_rank_world, "mla forward"):
-        assert r["o_proj_classes"] == {"ours": [FC2], "plain": [ASCEND_ROW]}
-        assert r["is_prefill"] == {"ours": expected, "plain": expected}
+        assert r["o_proj_classes"] == {"ours": [FC2], "slice": [FC2], "plain": [ASCEND_ROW]}
+        assert r["is_prefill"] == {"ours": expected, "slice": expected, "plain": expected}
         for batch, b in r["batches"].items():
             assert b["gap"] <= 1e-5 * b["scale"], (batch, b)
             assert b["vs_math"] <= 1e-4 * b["scale"], (batch, b)
-        # o_shared ran: one wait per layer and batch
-        assert r["series"]["layers"] == NUM_HIDDEN
-        assert r["series"]["waits"] == NUM_HIDDEN * len(BATCHES)
+        # threshold 0: o_shared's ring ran, one wait per layer and batch
+        assert r["series"]["ours"]["layers"] == NUM_HIDDEN
+        assert r["series"]["ours"]["waits"] == NUM_HIDDEN * len(BATCHES)
+        # default threshold: these small batches ran the resident slice,
+        # vllm-ascend's own row-parallel layer, and never touched the ring
+        assert r["slice_classes"] == [ASCEND_ROW]
+        assert r["series"]["slice"]["waits"] == 0
+        assert r["series"]["slice"]["row_parallel_calls"] == NUM_HIDDEN * len(BATCHES)
 
 
 def test_oshared_under_vllm_ascends_graph_mode_is_refused(tmp_path):
