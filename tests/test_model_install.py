@@ -92,6 +92,10 @@ def _install_worker(rank, world_size, additional_config, unknown_holder=False):
         out["impl_same_object"] = [l.self_attn.mla_attn.attn.impl.o_proj is l.self_attn.o_proj
                                    for l in layers]
         out["old_alive"] = [r() is not None for r in old]
+        # Under the adaptive switch o_shared keeps vLLM's o_proj as the
+        # layer's resident slice (ops/resident_slice.py): alive, held only there.
+        out["kept_as_slice"] = [r() is not None and getattr(l.self_attn.o_proj, "_modules", {})
+                                .get("resident_slice") is r() for r, l in zip(old, layers)]
         out["prefixes"] = state.o_proj_prefixes
         series = state.series
         out["series_layers"] = (
@@ -108,15 +112,21 @@ def test_flags_off_leaves_vllm_model_untouched():
     assert r0 == r1 == {"state": False}
 
 
-def test_install_replaces_hidden_o_projs_only_and_builds_the_series():
+@pytest.mark.parametrize("adaptive", [0, None], ids=["threshold 0", "default threshold"])
+def test_install_replaces_hidden_o_projs_only_and_builds_the_series(adaptive):
     cfg = {"enable_flashcomm2_parallel_size": 1, "layer_sharding": ["o_proj"]}
+    if adaptive is not None:
+        cfg["flashcomm2_adaptive_tokens"] = adaptive
     results = run_distributed(_install_worker, 2, cfg, tp_size=2)
     for rank, r in enumerate(results):
         assert r["classes"] == ["FlashComm2RowParallelLinear"] * NUM_HIDDEN + ["RowParallelLinear"]
         assert all(r["mla_same_object"]), "MLA wrapper kept a stale o_proj"
-        # vllm-ascend's impl.o_proj follows the swap; the replaced modules are freed.
+        # vllm-ascend's impl.o_proj follows the swap; the replaced modules are
+        # freed, or (default threshold) kept only as the resident slice.
         assert all(r["impl_same_object"]), "the attention impl kept a stale o_proj"
-        assert r["old_alive"] == [False] * NUM_HIDDEN + [True]
+        slices = adaptive is None
+        assert r["old_alive"] == [slices] * NUM_HIDDEN + [True]
+        assert r["kept_as_slice"] == [slices] * NUM_HIDDEN + [False]
         assert r["prefixes"] == [f"model.layers.{i}.self_attn.o_proj" for i in range(NUM_HIDDEN)]
         assert r["series_layers"] == [f"model.layers.{i}.self_attn.o_proj"
                                       for i in range(NUM_HIDDEN)]
