@@ -314,6 +314,35 @@ def test_cli_text_and_json(capsys):
     assert "neither a preset" in capsys.readouterr().err
 
 
+def test_cli_step_model_section_predicts_ratios_and_a_threshold(capsys):
+    from vllm_ascend_ext.cli import main
+    from vllm_ascend_ext.step_model import ComputeModel, LinkModel, predicted_ratios
+
+    argv = ["plan", "--model", "deepseek-v3", "--tp", "16", "--link-gbps", "400",
+            "--layer-compute-us", "800", "--compute-us-per-token", "0.5", "--tokens", "64",
+            "16384", "--prefetch-step", "0"]
+    assert main(argv + ["--json"]) == 0
+    sm = json.loads(capsys.readouterr().out)["step_model"]
+    # prefetch step 0 hides nothing: the whole broadcast is on the step
+    assert sm["broadcast_hidden_share"] == 0.0
+    link = LinkModel(rate_bytes_per_s=400e9 / 8, latency_s=10e-6, hidden=0.0)
+    want = predicted_ratios(PRESETS["deepseek-v3"], 16, 16384, link,
+                            ComputeModel(800e-6, 0.5e-6), 2, 2, 1024)
+    assert sm["rows"][1]["ratios"] == pytest.approx(want)
+    assert sm["rows"][0]["ratios"]["adaptive FlashComm2 k=1 + o_shared"] == 1.0
+    th = sm["adaptive_threshold"]
+    assert 0 < th["flashcomm2"] < th["flashcomm2_oshared"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "step model" in text and "adaptive threshold from the model" in text
+    assert f"VLLM_ASCEND_FLASHCOMM2_ADAPTIVE_TOKENS={th['flashcomm2_oshared']}" in text
+    # without a link rate the section says what it needs
+    assert main(["plan", "--model", "deepseek-v3", "--tp", "16"]) == 0
+    assert "step model  not assessed" in capsys.readouterr().out
+    assert main(argv + ["--compute-us-per-token", "-1"]) == 2
+    assert "--compute-us-per-token must be >= 0" in capsys.readouterr().err
+
+
 # ------------------------------------------------- tiny checkpoints, real op
 
 

@@ -7,8 +7,11 @@ import pytest
 from vllm_ascend_ext.planner import ModelShape
 from vllm_ascend_ext.step_model import (
     TCP_FRAMING,
+    ComputeModel,
     LinkModel,
+    adaptive_threshold,
     calibrated_compute_s,
+    predicted_ratios,
     step_cost,
     workload_comm,
     workload_steps,
@@ -16,6 +19,9 @@ from vllm_ascend_ext.step_model import (
 
 SHAPE = ModelShape("small", "Qwen3ForCausalLM", 8, 1024, 16, 128)  # a = 2048
 LINK = LinkModel(rate_bytes_per_s=25e6, latency_s=0.0)
+# The benchmark's ``small`` preset: 8 heads x head_dim 32, so a = h / 4 and
+# FlashComm2 k=1 at TP2 sends 0.5625 of the o_proj all-reduce's bytes.
+BENCH = ModelShape("bench-small", "Qwen3ForCausalLM", 8, 1024, 8, 32)
 
 
 def test_plain_tp_step_is_two_all_reduces_per_layer_plus_the_embedding():
@@ -55,3 +61,47 @@ def test_workload_steps_and_calibration():
         n * step_cost(SHAPE, 2, t, "plain TP", LINK, 4, 4, 1024).wire_bytes for t, n in steps))
     assert calibrated_compute_s(100.0, comm) == pytest.approx(100.0 - comm.link_seconds)
     assert calibrated_compute_s(0.0, comm) == 0.0
+
+
+def test_predicted_ratio_is_plain_step_time_over_the_configurations():
+    compute = ComputeModel(layer_fixed_s=1e-3, layer_per_token_s=1e-6)
+    T = 4096
+    r = predicted_ratios(BENCH, 2, T, LINK, compute, 4, 4, 1024)
+    base = compute.step_s(8, T)
+    plain = base + step_cost(BENCH, 2, T, "plain TP", LINK, 4, 4, 1024).link_seconds
+    fc2 = base + step_cost(BENCH, 2, T, "FlashComm2 k=1", LINK, 4, 4, 1024).link_seconds
+    assert r["plain TP"] == 1.0
+    assert r["FlashComm2 k=1"] == pytest.approx(plain / fc2)
+    # a 4096-token step saves far more than the 4 MiB o_shared broadcasts
+    assert r["FlashComm2 k=1"] > r["FlashComm2 k=1 + o_shared"] > 1.0
+    small = predicted_ratios(BENCH, 2, 64, LINK, compute, 4, 4, 1024)
+    assert small["FlashComm2 k=1 + o_shared"] < 1.0 < small["FlashComm2 k=1"]
+    # at or below the threshold adaptive + o_shared is plain TP exactly
+    assert predicted_ratios(BENCH, 2, 8, LINK, compute, 4, 4, 1024)[
+        "adaptive FlashComm2 k=1 + o_shared"] == 1.0
+
+
+def _first_faster_by_scan(config, link, limit):
+    for t in range(1, limit):
+        if (step_cost(BENCH, 2, t, config, link, 4, 4, 0).link_seconds
+                < step_cost(BENCH, 2, t, "plain TP", link, 4, 4, 0).link_seconds):
+            return t
+    return None
+
+
+@pytest.mark.parametrize("latency_s", [0.0, 150e-6])
+def test_adaptive_threshold_is_one_below_the_first_step_where_flashcomm2_wins(latency_s):
+    link = LinkModel(rate_bytes_per_s=25e6, latency_s=latency_s)
+    t = adaptive_threshold(BENCH, 2, link, 4, 4, oshared=False)
+    assert t + 1 == _first_faster_by_scan("FlashComm2 k=1", link, 5000)
+    # o_shared's broadcast of every layer moves the edge far up, and hiding
+    # all of it brings it back to FlashComm2's own
+    exposed = adaptive_threshold(BENCH, 2, link, 4, 4, oshared=True)
+    assert exposed > 10 * t
+    hidden = LinkModel(rate_bytes_per_s=25e6, latency_s=latency_s, hidden=1.0)
+    assert adaptive_threshold(BENCH, 2, hidden, 4, 4, oshared=True) >= t
+
+
+def test_adaptive_threshold_is_none_when_flashcomm2_never_sends_less():
+    wide = ModelShape("wide-o_proj", "Qwen3ForCausalLM", 8, 256, 16, 128)  # a = 8 h
+    assert adaptive_threshold(wide, 2, LINK, 4, 4, oshared=False, max_tokens=1 << 14) is None

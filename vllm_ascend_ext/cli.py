@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--force", action="store_true")
     mk.set_defaults(func=_make_tiny)
 
-    from vllm_ascend_ext.planner import add_parser as add_plan_parser
+    from vllm_ascend_ext.plan_cli import add_parser as add_plan_parser
 
     add_plan_parser(sub)
     return ap

@@ -52,7 +52,6 @@ Conventions:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -572,59 +571,3 @@ def format_text(p: dict[str, Any]) -> str:
                + (f"{be:,.0f} tokens" if be is not None else "never"))
     out += ["", "recommendation"] + [f"  - {line}" for line in p["recommendation"]]
     return "\n".join(out)
-
-
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    ap = sub.add_parser(
-        "plan", help="o_proj memory / broadcast / traffic plan for FlashComm2 + o_shared",
-        description=__doc__.split("\n\n")[0],
-    )
-    ap.add_argument("--model", required=True,
-                    help=f"preset ({', '.join(sorted(PRESETS))}) or a config.json / model folder")
-    ap.add_argument("--tp", type=int, default=PlanInputs.tp)
-    ap.add_argument("--dp", type=int, default=PlanInputs.dp)
-    ap.add_argument("--pp", type=int, default=PlanInputs.pp)
-    ap.add_argument("--otp-size", type=int, default=PlanInputs.otp_size,
-                    help="k: o_proj TP size (VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE)")
-    ap.add_argument("--prefetch-step", type=int, default=PlanInputs.prefetch_step)
-    ap.add_argument("--weight-dtype", choices=sorted(DTYPE_BYTES), default="bf16")
-    ap.add_argument("--act-dtype", choices=sorted(DTYPE_BYTES), default="bf16",
-                    help="activation dtype on the wire")
-    ap.add_argument("--int8-all-to-all", choices=INT8_ALL_TO_ALL_MODES, default="off",
-                    help="W8A8 o_proj: FlashComm2's all-to-all in int8 with static or "
-                    "dynamic (per-token) activation scales (VLLM_ASCEND_FLASHCOMM2_INT8_"
-                    "ALL_TO_ALL, on by default where the o_proj takes int8 input)")
-    ap.add_argument("--link-gbps", type=float, default=None,
-                    help="bandwidth a rank receives a broadcast at, in Gbit/s")
-    ap.add_argument("--latency-us", type=float, default=DEFAULT_LATENCY_US,
-                    help="fixed cost of one broadcast (default %(default)s us)")
-    ap.add_argument("--layer-compute-us", type=float, default=None,
-                    help="compute time of one decoder layer at your batch size")
-    ap.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS),
-                    help="tokens per step to tabulate traffic for")
-    ap.add_argument("--adaptive-tokens", type=int, default=PlanInputs.adaptive_tokens,
-                    help="adaptive FlashComm2 threshold (0 = off); on, o_shared also keeps "
-                         "plain TP's slice of every layer")
-    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
-    ap.set_defaults(func=run)
-    return ap
-
-
-def run(args: argparse.Namespace) -> int:
-    import sys
-
-    try:
-        shape = load_model_shape(args.model)
-        p = plan(shape, PlanInputs(
-            tp=args.tp, dp=args.dp, pp=args.pp, otp_size=args.otp_size,
-            prefetch_step=args.prefetch_step, weight_dtype=args.weight_dtype,
-            act_dtype=args.act_dtype, int8_all_to_all=args.int8_all_to_all,
-            link_gbps=args.link_gbps,
-            latency_us=args.latency_us, layer_compute_us=args.layer_compute_us,
-            tokens=tuple(args.tokens), adaptive_tokens=args.adaptive_tokens,
-        ))
-    except PlanError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(p, indent=2) if args.json else format_text(p))
-    return 0

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 from vllm_ascend_ext.planner import ModelShape, comm_per_layer
 
-__all__ = ["CONFIG_NAMES", "LinkModel", "StepCost", "calibrated_compute_s", "workload_steps",
-           "workload_comm"]
+__all__ = ["CONFIG_NAMES", "ComputeModel", "LinkModel", "StepCost", "adaptive_threshold",
+           "calibrated_compute_s", "predicted_ratios", "workload_steps", "workload_comm"]
 
 #: The configurations the throughput benchmark runs, by the names it uses.
 CONFIG_NAMES = ("plain TP", "FlashComm2 k=1", "FlashComm2 k=1 + o_shared",
@@ -63,6 +63,19 @@ class StepCost:
     link_seconds: float  # communication time of the step
     wire_bytes: float  # payload bytes crossing the link, both directions
     collectives: int
+
+
+@dataclass(frozen=True)
+class ComputeModel:
+    """Compute time of one decoder layer on one rank: a fixed part (kernel
+    launches, the weights read once per step) plus a part per token in the
+    step. The same in every configuration (see the module docstring)."""
+
+    layer_fixed_s: float
+    layer_per_token_s: float = 0.0
+
+    def step_s(self, num_layers: int, tokens: int) -> float:
+        return num_layers * (self.layer_fixed_s + self.layer_per_token_s * tokens)
 
 
 def _config(name: str) -> tuple[bool, bool, bool]:
@@ -131,3 +144,46 @@ def calibrated_compute_s(measured_plain_s: float, plain_comm: StepCost) -> float
     """Compute time of a workload: a measured plain-TP duration minus what the
     model says its communication took (never below zero)."""
     return max(0.0, measured_plain_s - plain_comm.link_seconds)
+
+
+def predicted_ratios(shape: ModelShape, tp: int, tokens: int, link: LinkModel,
+                     compute: ComputeModel, act_bytes: int, weight_bytes: int,
+                     threshold: int) -> dict[str, float]:
+    """Throughput of every configuration relative to plain TP for steps of
+    ``tokens`` tokens: plain TP's step time over the configuration's."""
+    base = compute.step_s(shape.num_layers, tokens)
+    times = {name: base + step_cost(shape, tp, tokens, name, link, act_bytes, weight_bytes,
+                                    threshold).link_seconds for name in CONFIG_NAMES}
+    return {name: times["plain TP"] / t for name, t in times.items()}
+
+
+def adaptive_threshold(shape: ModelShape, tp: int, link: LinkModel, act_bytes: int, weight_bytes: int, oshared: bool,
+                       max_tokens: int = 1 << 20) -> int | None:
+    """The adaptive threshold the model recommends: one token below the
+    smallest step at which always-on FlashComm2 (with o_shared's broadcast,
+    as much of it exposed as ``link.hidden`` says) is faster than plain TP.
+    ``None`` when it never is up to ``max_tokens`` (then keep every step on
+    the plain row-parallel side, or turn FlashComm2 off).
+
+    FlashComm2's saving grows with the tokens while its extra collective's
+    latency and the broadcast are fixed per step, so past the padding to a
+    multiple of ``tp`` the sign changes once: doubling finds a bracket,
+    bisection the edge. Compute is the same on both sides, so only the
+    link decides."""
+    name = "FlashComm2 k=1 + o_shared" if oshared else "FlashComm2 k=1"
+
+    def faster(t: int) -> bool:
+        plain = step_cost(shape, tp, t, "plain TP", link, act_bytes, weight_bytes, 0)
+        ours = step_cost(shape, tp, t, name, link, act_bytes, weight_bytes, 0)
+        return ours.link_seconds < plain.link_seconds
+
+    hi = tp  # below one token per rank FlashComm2 only pads
+    while not faster(hi):
+        if hi >= max_tokens:
+            return None
+        hi = min(2 * hi, max_tokens)
+    lo = hi // 2  # not faster (or below the first probe)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if faster(mid) else (mid, hi)
+    return hi - 1
