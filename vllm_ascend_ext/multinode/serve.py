@@ -34,11 +34,37 @@ from vllm_ascend_ext.local_server import (
 from vllm_ascend_ext.multinode.netns import Host, TwoHosts
 from vllm_ascend_ext.multinode.relay import LoopbackRelay
 
-__all__ = ["HostProcess", "TwoHostServer", "TwoHostStartError"]
+__all__ = ["HostProcess", "TwoHostServer", "TwoHostStartError", "host_cpu_bind"]
 
 API_PORT = 8000
 MASTER_PORT = 29555
 DP_RPC_PORT = 29556
+
+
+def host_cpu_bind(node: int, ranks_per_host: int, ncpu: int) -> str | None:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for one emulated host's ranks, or
+    ``None`` to keep :func:`cpu_env`'s machine-wide binding.
+
+    Real hosts do not share cores. Left to ``cpu_env``, a host with one rank
+    binds it to every core of the machine, so the two hosts' workers run
+    their OpenMP threads on the same cores and time each other's
+    collectives. Here the machine's cores are split in two, host ``node``
+    takes its half and each of its ranks a contiguous share of it. Where
+    the machine has fewer cores than ranks (the DP layout's four ranks on
+    two cores) no split leaves each rank a core of its own, and pairing
+    spin-waiting ranks on one core stalls vLLM's shared-memory all-reduce,
+    so the binding stays machine-wide."""
+    if ncpu < 2 * ranks_per_host:
+        return None
+    per_host = ncpu // 2
+    per_rank = per_host // ranks_per_host
+    first = node * per_host
+    spans = []
+    for r in range(ranks_per_host):
+        lo = first + r * per_rank
+        hi = lo + per_rank - 1
+        spans.append(str(lo) if lo == hi else f"{lo}-{hi}")
+    return "|".join(spans)
 
 
 class TwoHostStartError(RuntimeError):
@@ -137,6 +163,9 @@ class TwoHostServer:
         host = self.hosts.hosts[node]
         env = dict(os.environ)
         env.update(cpu_env(self.ranks_per_host()))
+        bind = host_cpu_bind(node, self.ranks_per_host(), os.cpu_count() or 1)
+        if bind is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = bind
         env.update(host.env())
         env.update(self.worker_env if node else self.head_env)
         return env
