@@ -126,6 +126,9 @@ def main(argv=None) -> int:
                     help="2: TP across two emulated hosts (network namespaces, root)")
     ap.add_argument("--link-rate", default="200mbit",
                     help="--hosts 2: the link's rate (tc notation)")
+    ap.add_argument("--from-json", metavar="RESULTS",
+                    help="--hosts 2: recompute the predictions for a saved run's "
+                         "measurements instead of measuring")
     ap.add_argument("--out", default=str(ROOT / "results/bench_throughput.json"))
     args = ap.parse_args(argv)
     if args.hosts == 2:

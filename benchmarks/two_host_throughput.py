@@ -103,7 +103,18 @@ def main_two_hosts(model: str, configs: list, workloads: dict, args, oproj_bytes
         workload_steps,
     )
 
-    samples = run_two_hosts(model, configs, workloads, args)
+    if args.from_json:
+        # Re-derive the predictions from a saved run's measurements (after a
+        # change to the step model); nothing is measured again.
+        saved = json.loads(Path(args.from_json).read_text())
+        samples = {(r["workload"], r["config"]): r["runs"] for r in saved["rows"]}
+        for key in ("link_rate", "num_prompts", "tp", "dtype", "rounds"):
+            setattr(args, key, saved[key])
+        args.workloads = list(dict.fromkeys(r["workload"] for r in saved["rows"]))
+        measured_on = saved["machine"]
+    else:
+        samples = run_two_hosts(model, configs, workloads, args)
+        measured_on = machine_line()
     shape = planner.load_model_shape(model)
     dbytes = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
     link = LinkModel(rate_bytes_per_s=_rate_bytes(args.link_rate))
@@ -144,7 +155,8 @@ def main_two_hosts(model: str, configs: list, workloads: dict, args, oproj_bytes
             })
     result = {"model": model, "tp": args.tp, "hosts": 2, "link_rate": args.link_rate,
               "num_prompts": args.num_prompts, "dtype": args.dtype, "rounds": args.rounds,
-              "adaptive_tokens_default": DEFAULT_ADAPTIVE_TOKENS, "machine": machine_line(),
+              "adaptive_tokens_default": DEFAULT_ADAPTIVE_TOKENS, "machine": measured_on,
+              "reanalysed_from": args.from_json,
               "note": "two network namespaces on one machine, gloo over a tc-shaped veth; "
                       "the prediction takes compute from the plain-TP run of the same round set",
               "rows": rows}

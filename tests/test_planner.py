@@ -325,7 +325,8 @@ def test_cli_step_model_section_predicts_ratios_and_a_threshold(capsys):
     sm = json.loads(capsys.readouterr().out)["step_model"]
     # prefetch step 0 hides nothing: the whole broadcast is on the step
     assert sm["broadcast_hidden_share"] == 0.0
-    link = LinkModel(rate_bytes_per_s=400e9 / 8, latency_s=10e-6, hidden=0.0)
+    link = LinkModel(rate_bytes_per_s=400e9 / 8, latency_s=10e-6, hidden=0.0,
+                     broadcast="pipelined")
     want = predicted_ratios(PRESETS["deepseek-v3"], 16, 16384, link,
                             ComputeModel(800e-6, 0.5e-6), 2, 2, 1024)
     assert sm["rows"][1]["ratios"] == pytest.approx(want)

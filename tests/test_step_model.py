@@ -52,6 +52,23 @@ def test_oshared_broadcasts_every_layer_on_large_steps_only_with_the_switch():
     assert always.wire_bytes > plain.wire_bytes + 8 * W - 1
 
 
+def test_oshared_broadcasts_add_up_one_layer_after_another():
+    W = 256 * 1024 * 4  # the bench preset's o_proj
+    for P, fan_out in ((2, 1), (4, 3)):
+        for mode, sends in (("flat", fan_out), ("pipelined", 1)):
+            link = LinkModel(rate_bytes_per_s=25e6, latency_s=0.0, broadcast=mode)
+            fc2 = step_cost(BENCH, P, 4096, "FlashComm2 k=1", link, 4, 4, 0)
+            osh = step_cost(BENCH, P, 4096, "FlashComm2 k=1 + o_shared", link, 4, 4, 0)
+            # every layer, not only the owner's share: at P=2 each broadcast
+            # runs one way while the other direction idles
+            assert osh.link_seconds - fc2.link_seconds == pytest.approx(8 * W * sends / 25e6)
+    half = LinkModel(rate_bytes_per_s=25e6, latency_s=0.0, hidden=0.5)
+    full = step_cost(BENCH, 2, 4096, "FlashComm2 k=1 + o_shared", LINK, 4, 4, 0)
+    fc2 = step_cost(BENCH, 2, 4096, "FlashComm2 k=1", LINK, 4, 4, 0)
+    assert step_cost(BENCH, 2, 4096, "FlashComm2 k=1 + o_shared", half, 4, 4, 0).link_seconds \
+        == pytest.approx(fc2.link_seconds + 0.5 * (full.link_seconds - fc2.link_seconds))
+
+
 def test_workload_steps_and_calibration():
     assert workload_steps(32, 16, 128, 4096) == [(512, 1), (32, 127)]
     assert workload_steps(32, 512, 4, 4096) == [(4096, 4), (32, 3)]

@@ -56,8 +56,9 @@ def step_model_section(shape: ModelShape, x: PlanInputs, p: dict[str, Any],
         return {"skipped": "the step model covers FlashComm2 k=1 (the benchmark's "
                            f"configurations); --otp-size is {x.otp_size}"}
     hidden = 1.0 - t["exposed_us_per_layer"] / t["broadcast_us"]
+    # The planner's broadcast time is W / B per layer (HCCL's pipelined ring).
     link = LinkModel(rate_bytes_per_s=x.link_gbps * 1e9 / 8, latency_s=x.latency_us * 1e-6,
-                     hidden=hidden)
+                     hidden=hidden, broadcast="pipelined")
     compute = ComputeModel(layer_fixed_s=x.layer_compute_us * 1e-6,
                            layer_per_token_s=per_token_us * 1e-6)
     ab, wb = DTYPE_BYTES[x.act_dtype], DTYPE_BYTES[x.weight_dtype]

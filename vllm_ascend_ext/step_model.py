@@ -12,9 +12,11 @@ configuration          collectives per layer (dense decoder)
 plain TP               all-reduce after o_proj + all-reduce after the MLP
 FlashComm2 k           all-to-all + (k > 1: OTP reduce-scatter) + all-gather,
                        then the MLP's all-reduce
-+ o_shared             + one broadcast of ``W`` per non-owned layer, never
-                       hidden here (on 2 CPU cores gloo has no core to
-                       overlap on; a real NPU may hide it: ``hidden`` > 0)
++ o_shared             + one broadcast of ``W`` per layer, one after another
+                       (``(P-1) W`` from the owner on gloo, ``W`` per rank on
+                       a pipelined HCCL/NCCL ring), never hidden here (on 2
+                       CPU cores gloo has no core to overlap on; a real NPU
+                       may hide it: ``hidden`` > 0)
 adaptive (+ o_shared)  steps of at most ``threshold`` tokens: plain TP's
                        collectives, and (with resident slices) no broadcast
 =====================  ======================================================
@@ -32,7 +34,6 @@ measured plain-TP run so that only the communication is predicted.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from vllm_ascend_ext.planner import ModelShape, comm_per_layer
@@ -56,6 +57,10 @@ class LinkModel:
     rate_bytes_per_s: float
     latency_s: float = 150e-6  # one small gloo collective over a veth
     hidden: float = 0.0  # share of o_shared's broadcast hidden behind compute
+    # How one layer's broadcast reaches the group: "flat" (gloo: the owner
+    # sends W to each other rank in turn, (P-1) W / rate) or "pipelined"
+    # (HCCL / NCCL rings: every rank takes W in once, W / rate).
+    broadcast: str = "flat"
 
 
 @dataclass(frozen=True)
@@ -100,10 +105,13 @@ def step_cost(shape: ModelShape, tp: int, tokens: int, config: str, link: LinkMo
     wire = per_rank * P
     if oshared and not small:
         W = shape.o_proj_in * shape.hidden_size * weight_bytes
-        # Each layer leaves its owner once for every other rank; the owner
-        # of the most layers sends the longest.
+        # Each layer leaves its owner once for every other rank. The series
+        # broadcasts one layer at a time, so the broadcasts add up even
+        # though their owners differ: at P=2 each one uses one direction of
+        # the link while the other idles (measured on the two-host fixture).
         wire += L * W * (P - 1)
-        seconds += ((1 - link.hidden) * math.ceil(L / P) * W * (P - 1) / link.rate_bytes_per_s
+        fan_out = (P - 1) if link.broadcast == "flat" else 1
+        seconds += ((1 - link.hidden) * L * W * fan_out / link.rate_bytes_per_s
                     + L * link.latency_s)
         collectives += L
     return StepCost(seconds, wire, collectives)
