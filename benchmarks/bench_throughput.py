@@ -103,7 +103,14 @@ def run_one(model: str, tp: int, env_flags: dict, args) -> dict:
         t0 = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+            # The engine's own traceback sits far above the client's in the
+            # output: keep all of it, next to the results.
+            log = Path(args.out).with_suffix(f".failed-{int(time.time())}.log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(f"$ {' '.join(cmd)}\n{env_flags}\n--- stdout\n{proc.stdout}"
+                           f"\n--- stderr\n{proc.stderr}")
+            raise RuntimeError(f"{' '.join(cmd)} failed (whole output: {log}):\n"
+                               f"{proc.stderr[-4000:]}")
         data = json.loads(out_json.read_text())
     data["wall_s"] = time.time() - t0
     return data
