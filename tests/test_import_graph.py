@@ -12,11 +12,7 @@ from pathlib import Path
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "vllm_ascend_ext"
 
-# Broken on the tiny-models branch (issue 23, "tiny models that speak");
-# remove once that lands.
-KNOWN_CYCLES = [
-    ["vllm_ascend_ext.tiny_models.factory", "vllm_ascend_ext.tiny_models.mtp"],
-]
+KNOWN_CYCLES: list[list[str]] = []
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:

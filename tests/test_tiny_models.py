@@ -8,7 +8,11 @@ import pytest
 from safetensors import safe_open
 
 from vllm_ascend_ext.tiny_models import ARCHITECTURES, make_tiny_checkpoint
-from vllm_ascend_ext.tiny_models.factory import RECIPE_VERSION, resolve_architecture
+from vllm_ascend_ext.tiny_models.factory import (
+    RECIPE_VERSION,
+    TRAINED_RECIPE_VERSION,
+    resolve_architecture,
+)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -59,6 +63,55 @@ def test_tokenizer_and_chat_template(tiny_model):
     text = tok.apply_chat_template([{"role": "user", "content": "Hello!"}], tokenize=False,
                                    add_generation_prompt=True)
     assert text == "<|user|>\nHello!\n<|assistant|>\n"
+
+
+def _greedy_misses(path, prompt_len: int = 8) -> tuple[list, int]:
+    """Corpus lines the saved checkpoint (loaded by transformers) does not
+    continue, greedily, from their first ``prompt_len`` tokens."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+
+    from vllm_ascend_ext.tiny_models.corpus import corpus_lines
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32).eval()
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    lines = [tok.encode(ln).ids for ln in corpus_lines()]
+    batch = torch.tensor([ids[:prompt_len] for ids in lines])
+    with torch.no_grad():
+        for _ in range(max(len(ids) for ids in lines) - prompt_len):
+            nxt = model(batch, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            batch = torch.cat([batch, nxt], 1)
+    wrong = [(tok.decode(ids), tok.decode(batch[i, :len(ids)].tolist()))
+             for i, ids in enumerate(lines) if batch[i, :len(ids)].tolist() != ids]
+    return wrong, len(lines)
+
+
+def test_the_demos_trained_model_speaks_corpus_text():
+    """``make demo``'s checkpoint: trained on the corpus, it continues every
+    corpus line with the rest of that line; the suite's checkpoint of the
+    same architecture stays random and does not."""
+    from vllm_ascend_ext.tiny_models import tiny_checkpoint
+    from vllm_ascend_ext.tiny_models.factory import training_summary
+    from vllm_ascend_ext.tiny_models.train import TRAIN_STEPS
+
+    trained = tiny_checkpoint("deepseek_v3", trained=True)
+    info = training_summary(trained)
+    assert info["steps"] == TRAIN_STEPS and info["final_loss"] < 0.1, info
+    wrong, n = _greedy_misses(trained)
+    assert not wrong, f"{len(wrong)} of {n} lines not reproduced: {wrong[:3]}"
+    random = tiny_checkpoint("deepseek_v3")
+    assert training_summary(random) is None
+    assert len(_greedy_misses(random)[0]) == n  # the test can fail
+
+
+def test_training_is_deterministic(tmp_path):
+    # two layers: the same recipe at a fraction of the build time
+    a = make_tiny_checkpoint("qwen3", tmp_path / "a", num_hidden_layers=2, train=True)
+    b = make_tiny_checkpoint("qwen3", tmp_path / "b", num_hidden_layers=2, train=True)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert json.loads((a / "tiny_model.json").read_text())["recipe"] == TRAINED_RECIPE_VERSION
 
 
 def test_rebuild_is_deterministic_and_cached(tmp_path):

@@ -29,6 +29,29 @@ DEMO_FLAGS = {
 _REPORT = re.compile(r"\[vllm_ascend_ext\][^\n]*|FlashComm2[^\n]*|o_shared[^\n]*")
 
 
+_ARCH_NAMES = {
+    "DeepseekV2ForCausalLM": "DeepSeek-V2", "DeepseekV3ForCausalLM": "DeepSeek-V3",
+    "Qwen2ForCausalLM": "Qwen2", "Qwen3ForCausalLM": "Qwen3", "Qwen3MoeForCausalLM": "Qwen3-MoE",
+}
+
+
+def describe_model(path: str) -> str:
+    """One line saying what the served tiny model is, so that its reply is
+    read for what it is."""
+    from pathlib import Path
+
+    from vllm_ascend_ext.tiny_models.factory import training_summary
+
+    arch = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
+    name = _ARCH_NAMES.get(arch, arch)
+    info = training_summary(path)
+    if info is None:
+        return f"model: a tiny {name}, randomly initialised (its reply is noise)"
+    return (f"model: a tiny {name} ({info['params'] / 1e6:.1f}M params) trained here for "
+            f"{info['steps']} steps on {info['corpus_bytes'] / 1000:.1f} KB of text, "
+            "so the reply imitates that text")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="deepseek_v3")
@@ -40,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_ascend_ext.local_server import VllmServer
     from vllm_ascend_ext.tiny_models import tiny_checkpoint
 
-    model = str(tiny_checkpoint(args.arch))
+    model = str(tiny_checkpoint(args.arch, trained=True))
     env = {} if args.flags_off else dict(DEMO_FLAGS)
-    print(f"model: {model}")
+    print(describe_model(model))
+    print(f"checkpoint: {model}")
     print("flags: " + (", ".join(f"{k}={v}" for k, v in env.items()) or "none (plain TP)"))
     server = VllmServer(model=model, tp=2, dtype=args.dtype, env=env)
     from vllm_ascend_ext.cpu_attention import cpu_attention_backend, cpu_has_amx, cpu_model_name
@@ -52,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f", attention backend {backend}" if backend else ""))
     print("starting: " + " ".join(server.command()[:3]) + " ... (TP=2, 127.0.0.1)")
     with server:
-        body = json.dumps({"model": model, "prompt": args.prompt, "max_tokens": 16,
+        body = json.dumps({"model": model, "prompt": args.prompt, "max_tokens": 24,
                            "temperature": 0}).encode()
         req = urllib.request.Request(server.base_url + "/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})

@@ -5,7 +5,7 @@ same tensor names a real hub checkpoint has), with a fixed seed, in fp32
 safetensors, together with a BPE tokenizer trained locally on text shipped in
 this package and a chat template.  Nothing is downloaded.
 
-Shape rules (see README "Tiny models"):
+Shape rules:
 - 8 attention heads and 4 KV heads, so TP=1, 2 and 4 all divide;
 - 5 hidden layers, so a PP=2 split puts the second stage's first layer at an
   index that is not a multiple of its layer count (the upstream prefetch-index
@@ -13,6 +13,14 @@ Shape rules (see README "Tiny models"):
 - MLA uses ``kv_lora_rank + qk_rope_head_dim == 576``, the only latent size
   vLLM's CPU MLA backend accepts;
 - a wide init so that greedy choices are not near-ties.
+
+``train=True`` (the demo's checkpoint, ``tiny_checkpoint(..., trained=True)``)
+first trains the model briefly on the shipped corpus
+(``tiny_models/train.py``), so that it speaks: a greedy continuation of a
+corpus line reproduces the line. The suite still runs the random
+checkpoints: every tolerance it writes down was derived on them, and
+moving it to the trained ones (figures measured in
+``docs/tiny_models_retrained.md``) needs a whole-suite run.
 
 CLI:  ``vllm-ascend-ext make-tiny ARCH OUT_DIR`` (or ``--all ROOT``).
 """
@@ -22,9 +30,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
+
+from vllm_ascend_ext.tiny_models.corpus import corpus_text
 
 ARCHITECTURES = (
     "DeepseekV2ForCausalLM",
@@ -38,7 +47,8 @@ VOCAB_SIZE = 512
 NUM_HIDDEN_LAYERS = 5
 SEED = 1234
 # Bumped whenever the recipe changes, so cached checkpoints are rebuilt.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 4  # random weights: the suite's and the benchmarks' checkpoints
+TRAINED_RECIPE_VERSION = 5  # trained on the corpus (train.py): the demo's
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -146,10 +156,6 @@ def resolve_architecture(name: str) -> str:
     )
 
 
-def corpus_text() -> str:
-    return resources.files(__package__).joinpath("data/corpus.txt").read_text()
-
-
 def write_tokenizer(out_dir: Path) -> None:
     """Train a byte-level BPE tokenizer on the shipped corpus and save it in the
     layout transformers and vLLM load (tokenizer.json + tokenizer_config.json)."""
@@ -184,13 +190,14 @@ def write_tokenizer(out_dir: Path) -> None:
 
 
 def build_config(arch: str, num_hidden_layers: int = NUM_HIDDEN_LAYERS,
-                 hidden_size: int | None = None):
+                 hidden_size: int | None = None, initializer_range: float | None = None):
     import transformers
 
     spec = SPECS[arch]
     config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    init = spec.initializer_range if initializer_range is None else initializer_range
     kwargs = dict(spec.config_kwargs, num_hidden_layers=num_hidden_layers,
-                  initializer_range=spec.initializer_range)
+                  initializer_range=init)
     if hidden_size is not None:
         kwargs["hidden_size"] = hidden_size
         kwargs["intermediate_size"] = hidden_size * 2
@@ -201,33 +208,54 @@ def build_config(arch: str, num_hidden_layers: int = NUM_HIDDEN_LAYERS,
 
 def make_tiny_checkpoint(arch: str, out_dir: str | os.PathLike, *,
                          num_hidden_layers: int = NUM_HIDDEN_LAYERS,
-                         hidden_size: int | None = None, force: bool = False) -> Path:
-    """Write (or reuse) a tiny checkpoint + tokenizer for ``arch`` in ``out_dir``."""
+                         hidden_size: int | None = None, force: bool = False,
+                         train: bool = False) -> Path:
+    """Write (or reuse) a tiny checkpoint + tokenizer for ``arch`` in ``out_dir``.
+
+    ``train`` trains the model on the shipped corpus before it is saved
+    (``tiny_models/train.py``)."""
     import torch
     import transformers
     from safetensors.torch import load_file, save_file
 
+    from vllm_ascend_ext.tiny_models import train as training
+
     arch = resolve_architecture(arch)
     out = Path(out_dir)
     marker = out / "tiny_model.json"
-    recipe = {"architecture": arch, "recipe": RECIPE_VERSION, "seed": SEED,
-              "num_hidden_layers": num_hidden_layers, "hidden_size": hidden_size}
+    recipe = {"architecture": arch, "recipe": TRAINED_RECIPE_VERSION if train else RECIPE_VERSION,
+              "seed": SEED, "num_hidden_layers": num_hidden_layers, "hidden_size": hidden_size}
+    if train:
+        recipe["train_steps"] = training.TRAIN_STEPS
     if not force and marker.exists() and json.loads(marker.read_text()) == recipe:
         return out
     out.mkdir(parents=True, exist_ok=True)
     write_tokenizer(out)
     spec = SPECS[arch]
-    config = build_config(arch, num_hidden_layers, hidden_size)
+    init_range = training.TRAIN_INIT_RANGE if train else None
+    config = build_config(arch, num_hidden_layers, hidden_size, init_range)
 
     # MTP: build one extra decoder layer; it is saved under index
     # num_hidden_layers, where vLLM's main model skips it.
     build_cfg = config
     n_mtp = getattr(config, "num_nextn_predict_layers", 0) or 0
     if n_mtp:
-        build_cfg = build_config(arch, num_hidden_layers + n_mtp, hidden_size)
+        build_cfg = build_config(arch, num_hidden_layers + n_mtp, hidden_size, init_range)
 
     torch.manual_seed(SEED)
     model = getattr(transformers, arch)(build_cfg).to(torch.float32).eval()
+    if train:
+        # Before the MTP fit: the MTP layer imitates the trained target.
+        losses = training.train_on_corpus(model, str(out / "tokenizer.json"),
+                                          num_hidden_layers)
+        (out / "tiny_training.json").write_text(json.dumps({
+            "steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1],
+            "corpus_bytes": len(corpus_text().encode()),
+            "params": sum(p.numel() for p in model.parameters()) - _extra_layer_params(
+                model, num_hidden_layers),
+        }, indent=2))
+    else:
+        (out / "tiny_training.json").unlink(missing_ok=True)
     # save_pretrained writes the hub layout (per-expert MoE tensors), which is
     # what vLLM's loaders expect; the in-memory state_dict is fused.
     model.save_pretrained(out, safe_serialization=True, max_shard_size="1GB")
@@ -243,6 +271,18 @@ def make_tiny_checkpoint(arch: str, out_dir: str | os.PathLike, *,
     write_model_config(config, out, "float32")
     marker.write_text(json.dumps(recipe))
     return out
+
+
+def _extra_layer_params(model: Any, num_hidden_layers: int) -> int:
+    return sum(p.numel() for layer in model.model.layers[num_hidden_layers:]
+               for p in layer.parameters())
+
+
+def training_summary(path: str | os.PathLike) -> dict | None:
+    """What ``tiny_training.json`` next to a checkpoint says about its
+    training (steps, losses, corpus size, parameters), or None if untrained."""
+    f = Path(path) / "tiny_training.json"
+    return json.loads(f.read_text()) if f.exists() else None
 
 
 def write_model_config(config: Any, out: Path, dtype: str) -> None:
@@ -266,8 +306,13 @@ def default_cache_root() -> Path:
     return base / "vllm-ascend-ext" / "tiny-models"
 
 
-def tiny_checkpoint(arch: str, root: str | os.PathLike | None = None) -> Path:
-    """Path of the cached tiny checkpoint for ``arch``, built on first use."""
+def tiny_checkpoint(arch: str, root: str | os.PathLike | None = None, *,
+                    trained: bool = False) -> Path:
+    """Path of the cached tiny checkpoint for ``arch``, built on first use;
+    ``trained``: the one trained on the corpus (its own folder)."""
     arch = resolve_architecture(arch)
     root = Path(root) if root is not None else default_cache_root()
+    if trained:
+        return make_tiny_checkpoint(arch, root / f"{arch}-trained-r{TRAINED_RECIPE_VERSION}",
+                                    train=True)
     return make_tiny_checkpoint(arch, root / f"{arch}-r{RECIPE_VERSION}")

@@ -1,10 +1,12 @@
 """A tiny DeepSeek MTP layer whose drafts the tiny target model accepts.
 
-A randomly initialised MTP layer almost never guesses what the random target
-model says next (0 accepted drafts of 21 on the tiny DeepSeek-V3), so the
+A randomly initialised MTP layer almost never guesses what the target model
+says next (0 accepted drafts of 21 on the random tiny DeepSeek-V3), so the
 speculative-decoding counters would compare zeros: equal whatever the draft
 computes. This module fits the MTP layer to the target's own greedy
-continuations of fixed prompts (``fit_prompts``), on purpose memorising them,
+continuations of fixed prompts (``fit_prompts``), on purpose memorising them
+(a trained checkpoint is fitted after its training, so the draft imitates
+the trained target),
 so that on exactly those prompts most drafts are accepted and the counters
 depend on every part of the draft's arithmetic.
 
@@ -36,7 +38,7 @@ def fit_prompts(tokenizer_json: str) -> list[list[int]]:
     """The prompts the MTP layer is fitted on (and the MTP tests use)."""
     from tokenizers import Tokenizer
 
-    from vllm_ascend_ext.tiny_models.factory import corpus_text
+    from vllm_ascend_ext.tiny_models.corpus import corpus_text
 
     tok = Tokenizer.from_file(tokenizer_json)
     lines = [ln for ln in corpus_text().splitlines() if ln.strip()]

@@ -85,7 +85,7 @@ def calibrate_input_scales(src: Path, arch: str) -> dict:
     import transformers
     from tokenizers import Tokenizer
 
-    from vllm_ascend_ext.tiny_models.factory import corpus_text
+    from vllm_ascend_ext.tiny_models.corpus import corpus_text
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(src), dtype=torch.float32).eval()
