@@ -122,3 +122,8 @@ def test_adaptive_threshold_is_one_below_the_first_step_where_flashcomm2_wins(la
 def test_adaptive_threshold_is_none_when_flashcomm2_never_sends_less():
     wide = ModelShape("wide-o_proj", "Qwen3ForCausalLM", 8, 256, 16, 128)  # a = 8 h
     assert adaptive_threshold(wide, 2, LINK, 4, 4, oshared=False, max_tokens=1 << 14) is None
+
+
+def test_an_unknown_broadcast_shape_is_refused():
+    with pytest.raises(ValueError, match="broadcast='tree'"):
+        LinkModel(rate_bytes_per_s=25e6, broadcast="tree")

@@ -41,8 +41,8 @@ _SHORT = {"plain TP": "plain TP", "FlashComm2 k=1": "FC2",
           "adaptive FlashComm2 k=1 + o_shared": "adaptive+o_shared"}
 
 
-def step_model_section(shape: ModelShape, x: PlanInputs, p: dict[str, Any],
-                       per_token_us: float) -> dict[str, Any] | None:
+def step_model_section(shape: ModelShape, x: PlanInputs,
+                       p: dict[str, Any]) -> dict[str, Any] | None:
     """Predicted throughput ratios per token count and the model's adaptive
     thresholds, or ``None`` without a link rate and a layer compute time.
 
@@ -60,7 +60,7 @@ def step_model_section(shape: ModelShape, x: PlanInputs, p: dict[str, Any],
     link = LinkModel(rate_bytes_per_s=x.link_gbps * 1e9 / 8, latency_s=x.latency_us * 1e-6,
                      hidden=hidden, broadcast="pipelined")
     compute = ComputeModel(layer_fixed_s=x.layer_compute_us * 1e-6,
-                           layer_per_token_s=per_token_us * 1e-6)
+                           layer_per_token_s=x.compute_us_per_token * 1e-6)
     ab, wb = DTYPE_BYTES[x.act_dtype], DTYPE_BYTES[x.weight_dtype]
     # The model counts the stage the plan found worst; PP stages run their
     # layers one after the other, so the ratio of one stage is the ratio of all.
@@ -71,7 +71,8 @@ def step_model_section(shape: ModelShape, x: PlanInputs, p: dict[str, Any],
                                                      x.adaptive_tokens)} for T in x.tokens]
     return {
         "broadcast_hidden_share": hidden,
-        "compute_us_per_layer": {"fixed": x.layer_compute_us, "per_token": per_token_us},
+        "compute_us_per_layer": {"fixed": x.layer_compute_us,
+                                 "per_token": x.compute_us_per_token},
         "rows": rows,
         "adaptive_threshold": {
             "flashcomm2": adaptive_threshold(stage_shape, x.tp, link, ab, wb, oshared=False),
@@ -156,8 +157,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        if args.compute_us_per_token < 0:
-            raise PlanError(f"--compute-us-per-token must be >= 0, got {args.compute_us_per_token}")
         shape = load_model_shape(args.model)
         x = PlanInputs(
             tp=args.tp, dp=args.dp, pp=args.pp, otp_size=args.otp_size,
@@ -165,13 +164,13 @@ def run(args: argparse.Namespace) -> int:
             act_dtype=args.act_dtype, int8_all_to_all=args.int8_all_to_all,
             link_gbps=args.link_gbps,
             latency_us=args.latency_us, layer_compute_us=args.layer_compute_us,
-            tokens=tuple(args.tokens), adaptive_tokens=args.adaptive_tokens,
+            compute_us_per_token=args.compute_us_per_token, tokens=tuple(args.tokens), adaptive_tokens=args.adaptive_tokens,
         )
         p = plan(shape, x)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    p["step_model"] = step_model_section(shape, x, p, args.compute_us_per_token)
+    p["step_model"] = step_model_section(shape, x, p)
     if args.json:
         print(json.dumps(p, indent=2))
     else:

@@ -172,6 +172,7 @@ class PlanInputs:
     link_gbps: float | None = None  # Gbit/s a rank receives at
     latency_us: float = DEFAULT_LATENCY_US
     layer_compute_us: float | None = None  # stated compute time of one layer
+    compute_us_per_token: float = 0.0  # step model: per-layer compute per token
     tokens: tuple[int, ...] = DEFAULT_TOKENS
     # adaptive FlashComm2's threshold (0 = off): with it on, o_shared keeps
     # plain TP's slice of every layer resident for the small passes
@@ -323,6 +324,8 @@ def validate(shape: ModelShape, x: PlanInputs) -> None:
     for name, v in (("--link-gbps", x.link_gbps), ("--layer-compute-us", x.layer_compute_us)):
         if v is not None and v <= 0:
             raise PlanError(f"{name} must be > 0, got {v}")
+    if x.compute_us_per_token < 0:
+        raise PlanError(f"--compute-us-per-token must be >= 0, got {x.compute_us_per_token}")
 
 
 def plan(shape: ModelShape, x: PlanInputs) -> dict[str, Any]:

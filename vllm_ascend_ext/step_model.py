@@ -62,6 +62,10 @@ class LinkModel:
     # (HCCL / NCCL rings: every rank takes W in once, W / rate).
     broadcast: str = "flat"
 
+    def __post_init__(self) -> None:
+        if self.broadcast not in ("flat", "pipelined"):
+            raise ValueError(f"broadcast={self.broadcast!r}: expected 'flat' or 'pipelined'")
+
 
 @dataclass(frozen=True)
 class StepCost:
@@ -165,7 +169,8 @@ def predicted_ratios(shape: ModelShape, tp: int, tokens: int, link: LinkModel,
     return {name: times["plain TP"] / t for name, t in times.items()}
 
 
-def adaptive_threshold(shape: ModelShape, tp: int, link: LinkModel, act_bytes: int, weight_bytes: int, oshared: bool,
+def adaptive_threshold(shape: ModelShape, tp: int, link: LinkModel, act_bytes: int,
+                       weight_bytes: int, oshared: bool,
                        max_tokens: int = 1 << 20) -> int | None:
     """The adaptive threshold the model recommends: one token below the
     smallest step at which always-on FlashComm2 (with o_shared's broadcast,

@@ -52,10 +52,10 @@ def corpus_windows(tokenizer_json: str, window: int = TRAIN_WINDOW) -> list[list
     return [wrapped[s:s + window] for s in starts]
 
 
-def _lr(step: int) -> float:
+def _lr(step: int, steps: int) -> float:
     if step < TRAIN_WARMUP:
         return TRAIN_LR * (step + 1) / TRAIN_WARMUP
-    frac = (step - TRAIN_WARMUP) / max(1, TRAIN_STEPS - TRAIN_WARMUP)
+    frac = (step - TRAIN_WARMUP) / max(1, steps - TRAIN_WARMUP)
     share = TRAIN_MIN_LR_SHARE + (1 - TRAIN_MIN_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * frac))
     return TRAIN_LR * share
 
@@ -89,7 +89,7 @@ def train_on_corpus(model: Any, tokenizer_json: str, num_hidden_layers: int, *,
             k = step % per_epoch
             batch = windows[order[k * TRAIN_BATCH:(k + 1) * TRAIN_BATCH]]
             for group in opt.param_groups:
-                group["lr"] = _lr(step)
+                group["lr"] = _lr(step, steps)
             loss = model(batch, labels=batch, use_cache=False).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
