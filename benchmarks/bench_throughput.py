@@ -60,7 +60,10 @@ def _model_dir(args) -> str:
 
     arch, layers, hidden = PRESETS[args.preset]
     out = default_cache_root() / f"bench-{args.preset}-{arch}-L{layers}-H{hidden}"
-    return str(make_tiny_checkpoint(arch, out, num_hidden_layers=layers, hidden_size=hidden))
+    # Random weights: a step's time does not depend on their values, and
+    # training the larger presets would only slow the build.
+    return str(make_tiny_checkpoint(arch, out, num_hidden_layers=layers, hidden_size=hidden,
+                                    train=False))
 
 
 def _oproj_bytes(model: str, tp: int, flags: dict) -> int:

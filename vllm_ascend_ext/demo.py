@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_ascend_ext.local_server import VllmServer
     from vllm_ascend_ext.tiny_models import tiny_checkpoint
 
-    model = str(tiny_checkpoint(args.arch, trained=True))
+    model = str(tiny_checkpoint(args.arch))
     env = {} if args.flags_off else dict(DEMO_FLAGS)
     print(describe_model(model))
     print(f"checkpoint: {model}")

@@ -30,9 +30,11 @@ from vllm_ascend_ext.tiny_models.mtp import CONTINUATION_TOKENS, fit_prompts
 ARCH = "DeepseekV3ForCausalLM"
 NUM_PROMPTS = 4
 OSHARED = flashcomm2_flags(1, True, 1)
-# The fitted draft is accepted 56-58 times in 68 drafts at position 1 here; far
-# below that, the fit failed and equal counters would prove little.
-MIN_ACCEPTANCE = 0.5
+# On the trained checkpoint the fitted draft is accepted at position 1 in 64 of
+# 64 drafts (1 token) and 44 of 44 (2 tokens), served 64 of 64; on the random
+# one it was 56-58 of 68, with a floor of 0.5. Below this the fit failed, and
+# equal counters would prove little.
+MIN_ACCEPTANCE = 0.9
 
 
 def mtp_config(num_tokens: int) -> dict:

@@ -40,17 +40,23 @@ from tests.e2e.harness import (
 from vllm_ascend_ext.config import ENV_INT8_ALL_TO_ALL
 from vllm_ascend_ext.cpu_attention import AMX_FEATURE, cpu_has_amx
 
-# Plain TP1 vs plain TP2 on the same W8A8 checkpoint, bf16, measured on an AMD
-# EPYC (no AMX; oneDNN int8 path): Qwen3 0.293 nats (static scales: 0.357),
-# DeepSeek-V3 (int8 o_proj only) 1.079 nats. Reduction order alone moves bf16 logprobs this far (the
-# wide-init tiny DeepSeek-V3 is as sensitive in plain bf16: test_cpu_kinds.py),
-# and a greedy near-tie already separates TP1 from TP2 on Qwen3.
-MEASURED_NOISE_FLOOR = {("Qwen3ForCausalLM", "dynamic"): 0.293,
-                        ("Qwen3ForCausalLM", "static"): 0.357,
-                        ("DeepseekV3ForCausalLM", "dynamic"): 1.079}
+# Plain TP1 vs plain TP2 on the same W8A8 checkpoint, bf16, on the trained
+# tiny models, measured on an AMD EPYC (no AMX; oneDNN int8 path): Qwen3
+# 9.7e-05 nats (static scales: 3.11e-02), DeepSeek-V3 (int8 o_proj only)
+# 4.60e-02. Each figure here is that measurement rounded up to 0.01 nats, the
+# resolution a floor needs. The random checkpoints of before gave 0.293,
+# 0.357 and 1.079 (greedy near-ties everywhere); no trained figure has been
+# measured on an AMX CPU (AMX bf16, VNNI int8), so those stay in force there.
+NO_AMX_NOISE_FLOOR = {("Qwen3ForCausalLM", "dynamic"): 0.01,
+                      ("Qwen3ForCausalLM", "static"): 0.04,
+                      ("DeepseekV3ForCausalLM", "dynamic"): 0.05}
+AMX_NOISE_FLOOR = {("Qwen3ForCausalLM", "dynamic"): 0.293,
+                   ("Qwen3ForCausalLM", "static"): 0.357,
+                   ("DeepseekV3ForCausalLM", "dynamic"): 1.079}
 # FlashComm2 is one more reduction order: it may deviate from plain TP2 by the
-# floor (the larger of this run's and the figure above) plus this share. Here
-# it deviated by 0.67x, 0.88x and 1.02x of the floor.
+# floor (the larger of this run's and the figure above) plus this share. On
+# the trained models it deviated by 0.91x (Qwen3), 1.00x (static) and 1.32x
+# (DeepSeek-V3) of this run's floor; 0.01x, 0.78x and 1.21x of the figure.
 FLOOR_MARGIN = 0.5
 # A floor far above the measured one means the checkpoint or kernel broke.
 FLOOR_SANITY = 3.0
@@ -99,7 +105,8 @@ def test_w8a8_flashcomm2_and_oshared_match_plain_tp(arch, activations, path, eng
                     "the non-AMX int8 path natively")
     runs = _runs(engines, arch, path, activations)
     floor = max_prompt_logprob_diff(runs["plain TP1"].outputs, runs["plain TP2"].outputs)
-    measured = MEASURED_NOISE_FLOOR[(arch, activations)]
+    # Even the forced non-AMX int8 run does its bf16 work on AMX there.
+    measured = (AMX_NOISE_FLOOR if cpu_has_amx() else NO_AMX_NOISE_FLOOR)[(arch, activations)]
     assert floor <= FLOOR_SANITY * measured, (
         f"plain TP1 vs TP2 differ by {floor:.3f} nats (measured before: {measured})")
     ref = runs["plain TP2"].outputs
@@ -147,5 +154,5 @@ def test_w8a8_flashcomm2_and_oshared_match_plain_tp(arch, activations, path, eng
             else:  # VNNI-packed int8 plus scales: int8-sized, not bf16-sized
                 assert INT8_OPROJ_BYTES["dynamic"] <= rep["per_layer_bytes"] < 2 * 256 * 256, rep
         assert sorted(w["series_report"]["owned_layers"] for w in got.rpc[MEMORY_RPC]) == [2, 3]
-    print(f"\n{arch} W8A8 {activations} bf16 ({path}): floor TP1-TP2 {floor:.3f}, FC2 vs TP2 {gap:.3f}, "
+    print(f"\n{arch} W8A8 {activations} bf16 ({path}): floor TP1-TP2 {floor:.3e}, FC2 vs TP2 {gap:.3e}, "
           "o_shared vs FC2 0.0, int8 vs bf16 all-to-all 0.0")

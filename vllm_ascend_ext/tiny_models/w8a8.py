@@ -146,7 +146,6 @@ def tiny_w8a8_checkpoint(arch: str, root: str | Path | None = None, *,
                          activations: str = "dynamic") -> Path:
     """Path of the cached W8A8 tiny checkpoint for ``arch``, built on first use."""
     from vllm_ascend_ext.tiny_models.factory import (
-        RECIPE_VERSION,
         default_cache_root,
         resolve_architecture,
         tiny_checkpoint,
@@ -157,5 +156,5 @@ def tiny_w8a8_checkpoint(arch: str, root: str | Path | None = None, *,
     src = tiny_checkpoint(arch, root)
     suffix = "" if activations == "dynamic" else f"-{activations}"
     return make_w8a8_checkpoint(
-        src, root / f"{arch}-r{RECIPE_VERSION}-w8a8{suffix}-r{W8A8_RECIPE}",
+        src, root / f"{src.name}-w8a8{suffix}-r{W8A8_RECIPE}",
         activations=activations)
