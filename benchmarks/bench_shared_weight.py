@@ -12,8 +12,9 @@ Measures, on real 2-process gloo groups built through vLLM's parallel state:
 (c) hidden broadcast: L layers, each a layer matmul plus a sized "rest of the
     layer" matmul; wall time with the o_shared series (weights arrive by
     broadcast) vs. the same loop with every weight replicated (compute alone).
-(d) side by side with the upstream seed (``_vs_upstream_seed.py``; ``upstream_seed.py`` loads it): each
-    implementation runs in its OWN 2-rank world (separate processes), in
+(d) side by side with the upstream seed (``_vs_upstream_seed.py``;
+    ``upstream_seed.py`` loads the seed): each implementation runs in its
+    OWN 2-rank world (separate processes), in
     ``--runs`` alternating pairs (ours first in even runs, upstream first in
     odd ones, to cancel drift).  Per-layer wall time of an L-layer loop of
     64x64 fp32 o_projs, "bare" (o_proj + tanh only: nothing to overlap) and
