@@ -532,7 +532,7 @@ def _case_module_functions(rank, group):
             ok &= torch.equal(layer(x)[0],
                               F.linear(x, _ref_weight(31 + p), _ref_bias(31 + p)))
     cfg = SimpleNamespace(model_config=SimpleNamespace(
-        hf_config=SimpleNamespace(num_hidden_layers=33)))
+        hf_text_config=SimpleNamespace(num_hidden_layers=33)))
     hidden = [is_hidden_layer(cfg, m) for m in layers]
     series.close()
     return {"exact": bool(ok), "hidden": hidden,

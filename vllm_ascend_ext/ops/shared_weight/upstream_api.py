@@ -63,5 +63,7 @@ def is_hidden_layer(vllm_config: Any, layer: nn.Module) -> bool:
     """True for decoder layers proper (MTP layers have index >= num_hidden_layers)."""
     from vllm.model_executor.models.utils import extract_layer_index
 
-    num_hidden_layers = vllm_config.model_config.hf_config.num_hidden_layers
+    # Multimodal configs (Llava, Qwen2-VL) keep the decoder depth only in
+    # their text config; hf_text_config is that part (or the config itself).
+    num_hidden_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
     return extract_layer_index(layer.prefix) < num_hidden_layers
