@@ -1,27 +1,11 @@
 """FlashComm2 / o_shared settings: where they come from and whether they fit.
 
-Five settings, each read from vLLM's ``additional_config`` first and from an
-environment variable second (``additional_config`` wins when both are given;
-the overridden environment value is then not even parsed):
-
-=========================  =============================================  ==========================================  =======
-setting                    environment variable                           ``additional_config`` key                   default
-=========================  =============================================  ==========================================  =======
-``parallel_size``          ``VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE``       ``enable_flashcomm2_parallel_size`` (int)   ``0``
-``oshared``                ``VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED``      ``layer_sharding`` (list, ``["o_proj"]``)   off
-``prefetch_step``          ``VLLM_ASCEND_FLASHCOMM2_OSHARED_PREFETCH_STEP``  ``flashcomm2_oshared_prefetch_step`` (int)  ``1``
-``int8_all_to_all``        ``VLLM_ASCEND_FLASHCOMM2_INT8_ALL_TO_ALL``     ``flashcomm2_int8_all_to_all`` (bool)       on
-``adaptive_tokens``        ``VLLM_ASCEND_FLASHCOMM2_ADAPTIVE_TOKENS``     ``flashcomm2_adaptive_tokens`` (int)        ``DEFAULT_ADAPTIVE_TOKENS``
-=========================  =============================================  ==========================================  =======
-
-``parallel_size`` is the o_proj tensor-parallel size ``k`` (0 = FlashComm2
-off).  ``int8_all_to_all``: W8A8 o_projs that take int8 input get their
-activations quantized before FlashComm2's all-to-all, which then carries int8
-(``vllm_ascend_ext/ops/int8_all_to_all.py``); ``0`` keeps the activation
-dtype on the wire.  ``adaptive_tokens``: a forward pass with at most this many
-tokens runs the o_proj as plain row-parallel from the same weights (this
-rank's input columns, then vLLM's TP all-reduce) instead of FlashComm2; ``0``
-= always FlashComm2 (``vllm_ascend_ext/ops/adaptive_oproj.py``).
+Five settings (``parallel_size``, ``oshared``, ``prefetch_step``,
+``int8_all_to_all``, ``adaptive_tokens``), each read from vLLM's
+``additional_config`` first and from an environment variable second
+(``additional_config`` wins when both are given; the overridden environment
+value is then not even parsed). Their names, accepted values and defaults are
+in one table, docs/user_guide.md ("Flags").
 :func:`parse_flashcomm2_config` only turns raw values into typed ones;
 :func:`validate_flashcomm2_config` checks them against the engine's
 ``VllmConfig``; :func:`get_flashcomm2_config` does both and logs the result.
