@@ -71,6 +71,7 @@ def _oproj_bytes(model: str, tp: int, flags: dict) -> int:
     planner's model of the ring, which tests/test_planner.py checks against
     the real series."""
     from vllm_ascend_ext import planner
+    from vllm_ascend_ext.ops.shared_weight.ring_index import slots_needed
 
     shape = planner.load_model_shape(model)
     L, W = shape.num_layers, shape.o_proj_in * shape.hidden_size * 4
@@ -78,7 +79,7 @@ def _oproj_bytes(model: str, tp: int, flags: dict) -> int:
         return L * W // tp  # plain TP: a 1/TP shard of every layer
     if flags.get("VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED") != "1":
         return L * W  # FlashComm2 k=1: the full o_proj everywhere
-    slots = planner.ring_slots(0, L, tp, 0, prefetch_step=1)
+    slots = len(slots_needed(0, L, tp, 0, prefetch_step=1))
     # Under the adaptive switch (on unless set to 0) o_shared also keeps
     # plain TP's slice of every layer for the small passes.
     slices = L * W // tp if flags.get(_ADAPTIVE, "1") != "0" else 0

@@ -96,8 +96,8 @@ def main_two_hosts(model: str, configs: list, workloads: dict, args, oproj_bytes
 
     from vllm_ascend_ext import planner
     from vllm_ascend_ext.config import DEFAULT_ADAPTIVE_TOKENS
+    from vllm_ascend_ext.link_model import LinkModel
     from vllm_ascend_ext.step_model import (
-        LinkModel,
         calibrated_compute_s,
         workload_comm,
         workload_steps,

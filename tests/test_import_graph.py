@@ -94,3 +94,15 @@ def test_the_walker_sees_a_function_local_cycle():
 def test_no_import_cycles():
     found = [c for c in cycles(import_graph()) if c not in KNOWN_CYCLES]
     assert found == [], f"modules importing each other: {found}"
+
+
+def test_one_torch_library_fragment():
+    """Every custom op goes through custom_ops.register_custom_op, so the
+    library and its re-registration guard exist once."""
+    calls = []
+    for mod, (path, _) in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "Library"):
+                calls.append(mod)
+    assert calls == ["vllm_ascend_ext.custom_ops"]

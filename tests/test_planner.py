@@ -14,6 +14,8 @@ import math
 import pytest
 
 from vllm_ascend_ext import planner as pl
+from vllm_ascend_ext.ops.shared_weight.ring_index import slots_needed
+from vllm_ascend_ext.pipeline_stages import pp_stage_ranges
 from vllm_ascend_ext.planner import GIB, MIB, PRESETS, PlanError, PlanInputs, plan
 
 QWEN235 = PRESETS["qwen3-235b-a22b"]
@@ -129,23 +131,27 @@ def test_pp_stages_match_vllm(monkeypatch):
     from vllm.distributed.utils import get_pp_indices
 
     for L, pp in [(61, 2), (94, 4), (5, 2), (64, 3), (7, 5), (10, 1)]:
-        ours = pl.pp_stages(L, pp)
+        ours = pp_stage_ranges(L, pp)
         theirs = [get_pp_indices(L, r, pp) for r in range(pp)]
         assert [(s, s + n) for s, n in ours] == theirs
 
 
 def test_ring_slots_rule():
+    """The planner counts the ring buffers the series allocates (ring_index)."""
+    def ring_slots(start, L, n, rank, k):
+        return len(slots_needed(start, L, n, rank, k))
+
     # 5 layers over 2 ranks, k = 3: rank 0 owns 0, 2, 4 and receives 1, 3
-    assert pl.ring_slots(0, 5, 2, 0, 3) == len({1 % 3, 3 % 3}) == 2
-    assert pl.ring_slots(0, 5, 2, 1, 3) == 3
-    assert pl.ring_slots(0, 5, 2, 0, 0) == 1  # synchronous: one buffer
+    assert ring_slots(0, 5, 2, 0, 3) == len({1 % 3, 3 % 3}) == 2
+    assert ring_slots(0, 5, 2, 1, 3) == 3
+    assert ring_slots(0, 5, 2, 0, 0) == 1  # synchronous: one buffer
     # at most k buffers, and only those the rank receives into: rank 0 of 2
     # owns the even positions, so with k = 2 it only ever fills slot 1
-    assert pl.ring_slots(0, 4, 2, 0, 2) == 1
-    assert pl.ring_slots(0, 4, 4, 0, 2) == 2
+    assert ring_slots(0, 4, 2, 0, 2) == 1
+    assert ring_slots(0, 4, 4, 0, 2) == 2
     # ownership uses the global layer index: a stage starting at layer 3
-    assert pl.owned_layers(3, 2, 2, 0) == 1 and pl.ring_slots(3, 2, 2, 0, 1) == 1
-    assert pl.ring_slots(0, 3, 1, 0, 1) == 0  # a group of one owns everything
+    assert pl.owned_layers(3, 2, 2, 0) == 1 and ring_slots(3, 2, 2, 0, 1) == 1
+    assert ring_slots(0, 3, 1, 0, 1) == 0  # a group of one owns everything
 
 
 # ------------------------------------------------------ data parallelism
@@ -316,7 +322,8 @@ def test_cli_text_and_json(capsys):
 
 def test_cli_step_model_section_predicts_ratios_and_a_threshold(capsys):
     from vllm_ascend_ext.cli import main
-    from vllm_ascend_ext.step_model import ComputeModel, LinkModel, predicted_ratios
+    from vllm_ascend_ext.link_model import LinkModel
+    from vllm_ascend_ext.step_model import ComputeModel, predicted_ratios
 
     argv = ["plan", "--model", "deepseek-v3", "--tp", "16", "--link-gbps", "400",
             "--layer-compute-us", "800", "--compute-us-per-token", "0.5", "--tokens", "64",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from vllm_ascend_ext.link_model import LinkModel
 from vllm_ascend_ext.planner import ModelShape
 from vllm_ascend_ext.step_model import (
     TCP_FRAMING,
     ComputeModel,
-    LinkModel,
     adaptive_threshold,
     calibrated_compute_s,
     predicted_ratios,

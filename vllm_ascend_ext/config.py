@@ -21,6 +21,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from vllm_ascend_ext.models import MODEL_CLASSES
+from vllm_ascend_ext.pipeline_stages import smallest_stage_layers
+
 __all__ = [
     "ADDITIONAL_CONFIG_LAYER_SHARDING",
     "ADDITIONAL_CONFIG_PARALLEL_SIZE",
@@ -54,14 +57,9 @@ ADDITIONAL_CONFIG_PREFETCH_STEP = "flashcomm2_oshared_prefetch_step"
 ADDITIONAL_CONFIG_INT8_ALL_TO_ALL = "flashcomm2_int8_all_to_all"
 ADDITIONAL_CONFIG_ADAPTIVE_TOKENS = "flashcomm2_adaptive_tokens"
 
-#: Model classes whose attention output projection this project replaces.
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
-    "DeepseekV2ForCausalLM",
-    "DeepseekV3ForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "Qwen3MoeForCausalLM",
-)
+#: Model classes whose attention output projection this project replaces:
+#: those the plugin registers (models/__init__.py holds only their names).
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(MODEL_CLASSES)
 
 #: Layer names ``additional_config["layer_sharding"]`` may list.
 SUPPORTED_LAYER_SHARDING: tuple[str, ...] = ("o_proj",)
@@ -325,11 +323,6 @@ def _raw(cfg: FlashComm2Config, name: str) -> Any:
     return getattr(cfg, name)
 
 
-def _stage_layers(num_hidden_layers: int, pp_size: int) -> int:
-    """Hidden layers on the smallest pipeline stage (even split, remainder spread)."""
-    return num_hidden_layers // max(pp_size, 1)
-
-
 #: Settings under which the code around o_proj expects token-sharded hidden
 #: states (sequence parallelism). FlashComm2's output is the full [T, h].
 #: vllm-ascend v0.25.1rc1 / v0.26: ``ascend_config.py`` (enable_flashcomm1,
@@ -488,7 +481,7 @@ def validate_flashcomm2_config(cfg: FlashComm2Config, vllm_config: Any,
                 "o_shared off (FlashComm2 alone works with graphs)",
             )
         layers = int(hf_config.num_hidden_layers)
-        stage = _stage_layers(layers, pp)
+        stage = smallest_stage_layers(layers, pp)
         if stage < 1:
             raise _bad(
                 oshared_src, _raw(cfg, "oshared"),

@@ -27,10 +27,10 @@ from vllm_ascend_ext.planner import (
     load_model_shape,
     plan,
 )
+from vllm_ascend_ext.link_model import LinkModel
 from vllm_ascend_ext.step_model import (
     CONFIG_NAMES,
     ComputeModel,
-    LinkModel,
     adaptive_threshold,
     predicted_ratios,
 )

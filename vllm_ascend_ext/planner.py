@@ -59,6 +59,9 @@ from pathlib import Path
 from typing import Any
 
 from vllm_ascend_ext.config import DEFAULT_ADAPTIVE_TOKENS
+from vllm_ascend_ext.link_model import LinkModel
+from vllm_ascend_ext.ops.shared_weight.ring_index import owner_of_layer_idx, slots_needed
+from vllm_ascend_ext.pipeline_stages import pp_stage_ranges
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -179,30 +182,9 @@ class PlanInputs:
     adaptive_tokens: int = DEFAULT_ADAPTIVE_TOKENS
 
 
-def pp_stages(num_layers: int, pp: int) -> list[tuple[int, int]]:
-    """``(start_layer, num_layers)`` of each PP stage, vLLM's default split."""
-    if not 1 <= pp <= num_layers:
-        raise PlanError(f"--pp {pp} must be between 1 and the {num_layers} hidden layers")
-    sizes = [num_layers // pp] * pp
-    for i in range(2, num_layers % pp + 2):
-        sizes[-i] += 1
-    starts = [sum(sizes[:i]) for i in range(pp)]
-    return list(zip(starts, sizes))
-
-
 def owned_layers(start: int, num_layers: int, n: int, rank: int) -> int:
     """Layers of ``[start, start + num_layers)`` that group rank ``rank`` owns."""
-    return sum(1 for i in range(start, start + num_layers) if i % n == rank)
-
-
-def ring_slots(start: int, num_layers: int, n: int, rank: int, prefetch_step: int) -> int:
-    """Ring buffers ``rank`` allocates: the slots its non-owned positions use."""
-    foreign = [p for p in range(num_layers) if (start + p) % n != rank]
-    if not foreign:
-        return 0
-    if prefetch_step == 0:
-        return 1
-    return len({p % prefetch_step for p in foreign})
+    return sum(1 for i in range(start, start + num_layers) if owner_of_layer_idx(i, n) == rank)
 
 
 @dataclass
@@ -231,7 +213,7 @@ def stage_memory(pp_rank: int, start: int, L: int, n: int, s: int,
                  W: int, plain_layer: int) -> StageMemory:
     ranks = []
     for r in range(n):
-        owned, slots = owned_layers(start, L, n, r), ring_slots(start, L, n, r, s)
+        owned, slots = owned_layers(start, L, n, r), len(slots_needed(start, L, n, r, s))
         ranks.append(RankMemory(r, owned, slots, (owned + slots) * W))
     resident = [x.resident_bytes for x in ranks]
     return StageMemory(
@@ -340,7 +322,9 @@ def plan(shape: ModelShape, x: PlanInputs) -> dict[str, Any]:
     W = (a // k) * h * wb
     plain_layer = (a // P) * h * wb
 
-    stages_lr = pp_stages(shape.num_layers, x.pp)
+    if not 1 <= x.pp <= shape.num_layers:
+        raise PlanError(f"--pp {x.pp} must be between 1 and the {shape.num_layers} hidden layers")
+    stages_lr = pp_stage_ranges(shape.num_layers, x.pp)
     shortest = min(L for _, L in stages_lr)
     if s > shortest - 1:
         raise PlanError(
@@ -352,9 +336,11 @@ def plan(shape: ModelShape, x: PlanInputs) -> dict[str, Any]:
 
     timing: dict[str, Any] | None = None
     if x.link_gbps is not None and x.layer_compute_us is not None:
-        B = x.link_gbps * 1e9 / 8  # bytes / s
-        xfer = W / B * 1e6
-        bcast = x.latency_us + xfer
+        # Each receiver takes W in once (HCCL's pipelined ring).
+        link = LinkModel(rate_bytes_per_s=x.link_gbps * 1e9 / 8, latency_s=x.latency_us * 1e-6,
+                         broadcast="pipelined")
+        xfer = link.transfer_s(W) * 1e6
+        bcast = link.broadcast_s(W, n) * 1e6
         window = s * x.layer_compute_us
         throughput_ok = xfer <= x.layer_compute_us
         latency_ok = s > 0 and bcast <= window
@@ -368,7 +354,7 @@ def plan(shape: ModelShape, x: PlanInputs) -> dict[str, Any]:
         min_step = math.ceil(bcast / x.layer_compute_us) if throughput_ok else None
         timing = {
             "link_gbps": x.link_gbps,
-            "link_gbytes_per_s": B / 1e9,
+            "link_gbytes_per_s": link.rate_bytes_per_s / 1e9,
             "latency_us": x.latency_us,
             "layer_compute_us": x.layer_compute_us,
             "transfer_us": xfer,

@@ -36,9 +36,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm_ascend_ext.link_model import LinkModel
 from vllm_ascend_ext.planner import ModelShape, comm_per_layer
 
-__all__ = ["CONFIG_NAMES", "ComputeModel", "LinkModel", "StepCost", "adaptive_threshold",
+__all__ = ["CONFIG_NAMES", "ComputeModel", "StepCost", "adaptive_threshold",
            "calibrated_compute_s", "predicted_ratios", "workload_steps", "workload_comm"]
 
 #: The configurations the throughput benchmark runs, by the names it uses.
@@ -50,21 +51,6 @@ CONFIG_NAMES = ("plain TP", "FlashComm2 k=1", "FlashComm2 k=1 + o_shared",
 #: segment carries 1448 B of payload (MTU 1500, TCP timestamps) in a 1514 B
 #: frame, and the peer acknowledges every second segment with a 66 B frame.
 TCP_FRAMING = (1514 + 66 / 2) / 1448
-
-
-@dataclass(frozen=True)
-class LinkModel:
-    rate_bytes_per_s: float
-    latency_s: float = 150e-6  # one small gloo collective over a veth
-    hidden: float = 0.0  # share of o_shared's broadcast hidden behind compute
-    # How one layer's broadcast reaches the group: "flat" (gloo: the owner
-    # sends W to each other rank in turn, (P-1) W / rate) or "pipelined"
-    # (HCCL / NCCL rings: every rank takes W in once, W / rate).
-    broadcast: str = "flat"
-
-    def __post_init__(self) -> None:
-        if self.broadcast not in ("flat", "pipelined"):
-            raise ValueError(f"broadcast={self.broadcast!r}: expected 'flat' or 'pipelined'")
 
 
 @dataclass(frozen=True)
@@ -105,7 +91,7 @@ def step_cost(shape: ModelShape, tp: int, tokens: int, config: str, link: LinkMo
         o_proj, o_proj_collectives = c["tp_allreduce"], 1
     per_rank = L * (o_proj + c["tp_allreduce"]) + c["tp_allreduce"]  # + embedding
     collectives = L * (o_proj_collectives + 1) + 1
-    seconds = per_rank / link.rate_bytes_per_s + collectives * link.latency_s
+    seconds = link.collectives_s(per_rank, collectives)
     wire = per_rank * P
     if oshared and not small:
         W = shape.o_proj_in * shape.hidden_size * weight_bytes
@@ -114,9 +100,7 @@ def step_cost(shape: ModelShape, tp: int, tokens: int, config: str, link: LinkMo
         # though their owners differ: at P=2 each one uses one direction of
         # the link while the other idles (measured on the two-host fixture).
         wire += L * W * (P - 1)
-        fan_out = (P - 1) if link.broadcast == "flat" else 1
-        seconds += ((1 - link.hidden) * L * W * fan_out / link.rate_bytes_per_s
-                    + L * link.latency_s)
+        seconds += L * link.broadcast_s(W, P)
         collectives += L
     return StepCost(seconds, wire, collectives)
 

@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 
 from vllm_ascend_ext.compat import CPU_SHM_DTYPES, cpu_shm_collectives
+from vllm_ascend_ext.custom_ops import register_custom_op
 
 __all__ = [
     "all_gather_dim0",
@@ -66,9 +67,6 @@ __all__ = [
     "reduce_scatter_dim0",
     "set_poison_outputs",
 ]
-
-_OP_NAMESPACE = "vllm_ascend_ext"
-_lib = torch.library.Library(_OP_NAMESPACE, "FRAGMENT")  # noqa: TID251
 
 _poison = False
 
@@ -225,24 +223,13 @@ def _all_reduce_max_fake(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def _register_ops() -> None:
-    from vllm.utils.torch_utils import direct_register_custom_op
-
-    ns = getattr(torch.ops, _OP_NAMESPACE)
-    for name, impl, fake in (
-        ("flashcomm2_all_to_all", _all_to_all, _all_to_all_fake),
-        ("flashcomm2_reduce_scatter", _reduce_scatter, _reduce_scatter_fake),
-        ("flashcomm2_all_gather", _all_gather, _all_gather_fake),
-        ("flashcomm2_all_reduce_max", _all_reduce_max, _all_reduce_max_fake),
-    ):
-        if hasattr(ns, name):  # module imported twice: keep the first definition
-            continue
-        direct_register_custom_op(
-            op_name=name, op_func=impl, fake_impl=fake, target_lib=_lib
-        )
-
-
-_register_ops()
+for _name, _impl, _fake in (
+    ("flashcomm2_all_to_all", _all_to_all, _all_to_all_fake),
+    ("flashcomm2_reduce_scatter", _reduce_scatter, _reduce_scatter_fake),
+    ("flashcomm2_all_gather", _all_gather, _all_gather_fake),
+    ("flashcomm2_all_reduce_max", _all_reduce_max, _all_reduce_max_fake),
+):
+    register_custom_op(_name, _impl, _fake)
 
 
 # --------------------------------------------------------------------------

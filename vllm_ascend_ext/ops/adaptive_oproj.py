@@ -47,6 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vllm_ascend_ext.custom_ops import register_custom_op
 from vllm_ascend_ext.ops.flashcomm2_plan import padded_token_count
 
 __all__ = [
@@ -61,9 +62,6 @@ __all__ = [
 SMALL_SIDE_ROUTES = ("column view", "int8 row view", "zero-padded input")
 #: o_shared members under the switch: plain TP's own o_proj, kept resident.
 RESIDENT_SLICE_ROUTE = "resident slice"
-
-_OP_NAMESPACE = "vllm_ascend_ext"
-_lib = torch.library.Library(_OP_NAMESPACE, "FRAGMENT")  # noqa: TID251
 
 _LAYERS: dict[str, weakref.ref] = {}
 _keys = itertools.count()
@@ -259,13 +257,4 @@ def _adaptive_oproj_fake(x: torch.Tensor, layer_key: str,
     return x.new_empty((rows, layer.output_size))
 
 
-def _register_ops() -> None:
-    from vllm.utils.torch_utils import direct_register_custom_op
-
-    if hasattr(getattr(torch.ops, _OP_NAMESPACE), "flashcomm2_adaptive_oproj"):
-        return
-    direct_register_custom_op(op_name="flashcomm2_adaptive_oproj", op_func=_adaptive_oproj,
-                              fake_impl=_adaptive_oproj_fake, target_lib=_lib)
-
-
-_register_ops()
+register_custom_op("flashcomm2_adaptive_oproj", _adaptive_oproj, _adaptive_oproj_fake)

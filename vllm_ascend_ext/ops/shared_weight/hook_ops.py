@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_ascend_ext.custom_ops import register_custom_op
 from vllm_ascend_ext.ops.shared_weight.registry import shared_weight_registry
-
-_OP_NAMESPACE = "vllm_ascend_ext"
-_lib = torch.library.Library(_OP_NAMESPACE, "FRAGMENT")  # noqa: TID251
 
 
 def _shared_weight_wait(anchor: torch.Tensor, series_name: str, position: int) -> None:
@@ -34,23 +32,8 @@ def _shared_weight_hook_fake(
     return None
 
 
-def _register_ops() -> None:
-    from vllm.utils.torch_utils import direct_register_custom_op
-
-    ns = getattr(torch.ops, _OP_NAMESPACE)
-    for name, impl in (
-        ("shared_weight_wait", _shared_weight_wait),
-        ("shared_weight_prefetch", _shared_weight_prefetch),
-    ):
-        if hasattr(ns, name):  # module re-imported: keep the first definition
-            continue
-        direct_register_custom_op(
-            op_name=name,
-            op_func=impl,
-            mutates_args=["anchor"],
-            fake_impl=_shared_weight_hook_fake,
-            target_lib=_lib,
-        )
-
-
-_register_ops()
+for _name, _impl in (
+    ("shared_weight_wait", _shared_weight_wait),
+    ("shared_weight_prefetch", _shared_weight_prefetch),
+):
+    register_custom_op(_name, _impl, _shared_weight_hook_fake, mutates_args=["anchor"])
