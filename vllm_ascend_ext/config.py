@@ -31,6 +31,10 @@ __all__ = [
     "ADDITIONAL_CONFIG_ADAPTIVE_TOKENS",
     "ADDITIONAL_CONFIG_INT8_ALL_TO_ALL",
     "DEFAULT_ADAPTIVE_TOKENS",
+    "DEFAULT_INT8_ALL_TO_ALL",
+    "DEFAULT_OSHARED",
+    "DEFAULT_PARALLEL_SIZE",
+    "DEFAULT_PREFETCH_STEP",
     "ENV_ADAPTIVE_TOKENS",
     "ENV_INT8_ALL_TO_ALL",
     "ENV_OSHARED",
@@ -38,6 +42,8 @@ __all__ = [
     "ENV_PREFETCH_STEP",
     "FlashComm2Config",
     "FlashComm2ConfigError",
+    "SETTINGS",
+    "Setting",
     "SUPPORTED_ARCHITECTURES",
     "SUPPORTED_LAYER_SHARDING",
     "get_flashcomm2_config",
@@ -64,7 +70,10 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(MODEL_CLASSES)
 #: Layer names ``additional_config["layer_sharding"]`` may list.
 SUPPORTED_LAYER_SHARDING: tuple[str, ...] = ("o_proj",)
 
+DEFAULT_PARALLEL_SIZE = 0
+DEFAULT_OSHARED = False
 DEFAULT_PREFETCH_STEP = 1
+DEFAULT_INT8_ALL_TO_ALL = True
 #: Adaptive FlashComm2's token threshold: see docs/flashcomm2.md "Adaptive
 #: FlashComm2" for the measurement it comes from.
 DEFAULT_ADAPTIVE_TOKENS = 1024
@@ -77,70 +86,11 @@ class FlashComm2ConfigError(ValueError):
     """A FlashComm2 / o_shared setting is malformed or does not fit the engine."""
 
 
-@dataclass(frozen=True)
-class FlashComm2Config:
-    """Effective FlashComm2 settings.
-
-    ``parallel_size``: o_proj TP size ``k`` (0 = FlashComm2 off).
-    ``oshared``: o_proj weights stored round-robin over the o_shared group.
-    ``prefetch_step``: how many layers ahead o_shared broadcasts a weight.
-    ``int8_all_to_all``: send int8 activations where the o_proj takes them.
-    ``adaptive_tokens``: at most this many tokens -> plain row-parallel o_proj
-    (0 = always FlashComm2).
-    ``sources``: for each of those five field names, a human-readable
-    description of where the value came from (``"default"``, an environment
-    variable, or an ``additional_config`` key).
-    """
-
-    parallel_size: int = 0
-    oshared: bool = False
-    prefetch_step: int = DEFAULT_PREFETCH_STEP
-    int8_all_to_all: bool = True
-    adaptive_tokens: int = DEFAULT_ADAPTIVE_TOKENS
-    sources: Mapping[str, str] = field(
-        default_factory=lambda: {
-            "parallel_size": "default",
-            "oshared": "default",
-            "prefetch_step": "default",
-            "int8_all_to_all": "default",
-            "adaptive_tokens": "default",
-        },
-        compare=False,
-        hash=False,
-    )
-    #: The raw values as given (for error messages); empty for defaults.
-    raw_values: Mapping[str, Any] = field(
-        default_factory=dict, compare=False, hash=False, repr=False
-    )
-
-    @property
-    def enabled(self) -> bool:
-        """FlashComm2 is on."""
-        return self.parallel_size > 0
-
-    @property
-    def otp_size(self) -> int:
-        """Size of an o_proj TP (OTP) group; 1 when FlashComm2 is off."""
-        return max(self.parallel_size, 1)
-
-    def describe(self) -> str:
-        """One line with every effective value and its source."""
-        return (
-            f"FlashComm2 {'on' if self.enabled else 'off'}: "
-            f"o_proj TP size={self.parallel_size} [{self.sources['parallel_size']}], "
-            f"o_shared={'on' if self.oshared else 'off'} [{self.sources['oshared']}], "
-            f"o_shared prefetch step={self.prefetch_step} "
-            f"[{self.sources['prefetch_step']}], "
-            f"int8 all-to-all={'on' if self.int8_all_to_all else 'off'} "
-            f"[{self.sources.get('int8_all_to_all', 'default')}], "
-            f"adaptive threshold={self.adaptive_tokens} tokens "
-            f"[{self.sources.get('adaptive_tokens', 'default')}]"
-        )
-
-
 # --------------------------------------------------------------------------
-# parsing (pure)
+# parsers: (source label, raw value) -> typed value (pure)
 # --------------------------------------------------------------------------
+
+Parser = Callable[[str, Any], Any]
 
 
 def _ac(key: str) -> str:
@@ -151,23 +101,26 @@ def _bad(source: str, value: Any, rule: str) -> FlashComm2ConfigError:
     return FlashComm2ConfigError(f"{source}={value!r} is invalid: {rule}")
 
 
-def _parse_int(source: str, value: Any, rule: str) -> int:
+def _non_negative_int(rule: str) -> Parser:
     """A non-negative integer from an int or a decimal string (bools refused)."""
-    if isinstance(value, bool):
-        raise _bad(source, value, rule)
-    if isinstance(value, int):
-        result = value
-    elif isinstance(value, str):
-        text = value.strip()
-        try:
-            result = int(text, 10)
-        except ValueError:
-            raise _bad(source, value, rule) from None
-    else:
-        raise _bad(source, value, rule)
-    if result < 0:
-        raise _bad(source, value, rule)
-    return result
+
+    def parse(source: str, value: Any) -> int:
+        if isinstance(value, bool):
+            raise _bad(source, value, rule)
+        if isinstance(value, int):
+            result = value
+        elif isinstance(value, str):
+            try:
+                result = int(value.strip(), 10)
+            except ValueError:
+                raise _bad(source, value, rule) from None
+        else:
+            raise _bad(source, value, rule)
+        if result < 0:
+            raise _bad(source, value, rule)
+        return result
+
+    return parse
 
 
 def _parse_bool(source: str, value: str) -> bool:
@@ -206,28 +159,112 @@ def _parse_layer_sharding(source: str, value: Any) -> bool:
     return "o_proj" in value
 
 
-def _pick(
-    env: Mapping[str, str],
-    additional_config: Mapping[str, Any],
-    env_name: str,
-    key: str,
-) -> tuple[str | None, Any, str]:
-    """(source label, raw value, source description) of one setting."""
-    if key in additional_config:
-        label = _ac(key)
-        desc = label
-        if env_name in env:
-            desc += f" (overrides {env_name}={env[env_name]!r})"
-        return label, additional_config[key], desc
-    if env_name in env:
-        return env_name, env[env_name], env_name
-    return None, None, "default"
+# --------------------------------------------------------------------------
+# the settings, one row each
+# --------------------------------------------------------------------------
 
 
-_SIZE_RULE = "the FlashComm2 o_proj TP size must be a non-negative integer (0 = off)"
-_STEP_RULE = "the o_shared prefetch step must be a non-negative integer"
-_ADAPTIVE_RULE = ("the adaptive FlashComm2 threshold must be a non-negative integer "
-                  "number of tokens (0 = always FlashComm2)")
+@dataclass(frozen=True)
+class Setting:
+    """One setting: where it is read, how it is parsed, what it is unset."""
+
+    name: str  # the FlashComm2Config field
+    env: str
+    key: str  # additional_config key
+    parse: Parser
+    default: Any
+    # When the environment spells the value differently from additional_config
+    # (o_shared: a 0/1 switch there, a list of layer names here).
+    parse_env: Parser | None = None
+
+    def default_label(self) -> str:
+        """How error messages name the setting when nobody set it."""
+        return f"{self.env} (unset; default)"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("parallel_size", ENV_PARALLEL_SIZE, ADDITIONAL_CONFIG_PARALLEL_SIZE,
+            _non_negative_int("the FlashComm2 o_proj TP size must be a non-negative "
+                              "integer (0 = off)"), DEFAULT_PARALLEL_SIZE),
+    Setting("oshared", ENV_OSHARED, ADDITIONAL_CONFIG_LAYER_SHARDING,
+            _parse_layer_sharding, DEFAULT_OSHARED, parse_env=_parse_bool),
+    Setting("prefetch_step", ENV_PREFETCH_STEP, ADDITIONAL_CONFIG_PREFETCH_STEP,
+            _non_negative_int("the o_shared prefetch step must be a non-negative integer"),
+            DEFAULT_PREFETCH_STEP),
+    Setting("int8_all_to_all", ENV_INT8_ALL_TO_ALL, ADDITIONAL_CONFIG_INT8_ALL_TO_ALL,
+            _parse_switch, DEFAULT_INT8_ALL_TO_ALL),
+    Setting("adaptive_tokens", ENV_ADAPTIVE_TOKENS, ADDITIONAL_CONFIG_ADAPTIVE_TOKENS,
+            _non_negative_int("the adaptive FlashComm2 threshold must be a non-negative "
+                              "integer number of tokens (0 = always FlashComm2)"),
+            DEFAULT_ADAPTIVE_TOKENS),
+)
+
+
+@dataclass(frozen=True)
+class FlashComm2Config:
+    """Effective FlashComm2 settings.
+
+    ``parallel_size``: o_proj TP size ``k`` (0 = FlashComm2 off).
+    ``oshared``: o_proj weights stored round-robin over the o_shared group.
+    ``prefetch_step``: how many layers ahead o_shared broadcasts a weight.
+    ``int8_all_to_all``: send int8 activations where the o_proj takes them.
+    ``adaptive_tokens``: at most this many tokens -> plain row-parallel o_proj
+    (0 = always FlashComm2).
+    ``sources``: for each of those five field names, a human-readable
+    description of where the value came from (``"default"``, an environment
+    variable, or an ``additional_config`` key, with the environment value it
+    overrode).
+    """
+
+    parallel_size: int = DEFAULT_PARALLEL_SIZE
+    oshared: bool = DEFAULT_OSHARED
+    prefetch_step: int = DEFAULT_PREFETCH_STEP
+    int8_all_to_all: bool = DEFAULT_INT8_ALL_TO_ALL
+    adaptive_tokens: int = DEFAULT_ADAPTIVE_TOKENS
+    sources: Mapping[str, str] = field(
+        default_factory=lambda: {s.name: "default" for s in SETTINGS},
+        compare=False,
+        hash=False,
+    )
+    #: The raw values as given (for error messages); empty for defaults.
+    raw_values: Mapping[str, Any] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
+    #: What error messages call each setting: the env var or additional_config
+    #: key that gave it, or the env var marked unset.
+    labels: Mapping[str, str] = field(
+        default_factory=lambda: {s.name: s.default_label() for s in SETTINGS},
+        compare=False, hash=False, repr=False,
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """FlashComm2 is on."""
+        return self.parallel_size > 0
+
+    @property
+    def otp_size(self) -> int:
+        """Size of an o_proj TP (OTP) group; 1 when FlashComm2 is off."""
+        return max(self.parallel_size, 1)
+
+    def describe(self) -> str:
+        """One line with every effective value and its source."""
+        return (
+            f"FlashComm2 {'on' if self.enabled else 'off'}: "
+            f"o_proj TP size={self.parallel_size} [{self.sources['parallel_size']}], "
+            f"o_shared={'on' if self.oshared else 'off'} [{self.sources['oshared']}], "
+            f"o_shared prefetch step={self.prefetch_step} "
+            f"[{self.sources['prefetch_step']}], "
+            f"int8 all-to-all={'on' if self.int8_all_to_all else 'off'} "
+            f"[{self.sources.get('int8_all_to_all', 'default')}], "
+            f"adaptive threshold={self.adaptive_tokens} tokens "
+            f"[{self.sources.get('adaptive_tokens', 'default')}]"
+        )
+
+
+# --------------------------------------------------------------------------
+# parsing (pure)
+# --------------------------------------------------------------------------
 
 
 def parse_flashcomm2_config(
@@ -246,74 +283,31 @@ def parse_flashcomm2_config(
             f"additional_config={additional_config!r} is invalid: expected a mapping"
         )
 
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    labels: dict[str, str] = {}
     raw_values: dict[str, Any] = {}
-    label, raw, size_src = _pick(
-        env, additional_config, ENV_PARALLEL_SIZE, ADDITIONAL_CONFIG_PARALLEL_SIZE
-    )
-    if label is not None:
-        raw_values["parallel_size"] = raw
-    size = 0 if label is None else _parse_int(label, raw, _SIZE_RULE)
-
-    label, raw, oshared_src = _pick(
-        env, additional_config, ENV_OSHARED, ADDITIONAL_CONFIG_LAYER_SHARDING
-    )
-    if label is not None:
-        raw_values["oshared"] = raw
-    if label is None:
-        oshared = False
-    elif label == ENV_OSHARED:
-        oshared = _parse_bool(label, raw)
-    else:
-        oshared = _parse_layer_sharding(label, raw)
-
-    label, raw, step_src = _pick(
-        env, additional_config, ENV_PREFETCH_STEP, ADDITIONAL_CONFIG_PREFETCH_STEP
-    )
-    if label is not None:
-        raw_values["prefetch_step"] = raw
-    step = DEFAULT_PREFETCH_STEP if label is None else _parse_int(label, raw, _STEP_RULE)
-
-    label, raw, int8_src = _pick(
-        env, additional_config, ENV_INT8_ALL_TO_ALL, ADDITIONAL_CONFIG_INT8_ALL_TO_ALL
-    )
-    if label is not None:
-        raw_values["int8_all_to_all"] = raw
-    int8_a2a = True if label is None else _parse_switch(label, raw)
-
-    label, raw, adaptive_src = _pick(
-        env, additional_config, ENV_ADAPTIVE_TOKENS, ADDITIONAL_CONFIG_ADAPTIVE_TOKENS
-    )
-    if label is not None:
-        raw_values["adaptive_tokens"] = raw
-    adaptive = (DEFAULT_ADAPTIVE_TOKENS if label is None
-                else _parse_int(label, raw, _ADAPTIVE_RULE))
-
-    return FlashComm2Config(
-        parallel_size=size,
-        oshared=oshared,
-        prefetch_step=step,
-        int8_all_to_all=int8_a2a,
-        adaptive_tokens=adaptive,
-        sources={"parallel_size": size_src, "oshared": oshared_src,
-                 "prefetch_step": step_src, "int8_all_to_all": int8_src,
-                 "adaptive_tokens": adaptive_src},
-        raw_values=raw_values,
-    )
+    for s in SETTINGS:
+        if s.key in additional_config:  # additional_config wins; the env is not parsed
+            label, raw, parse = _ac(s.key), additional_config[s.key], s.parse
+            source = label
+            if s.env in env:
+                source += f" (overrides {s.env}={env[s.env]!r})"
+        elif s.env in env:
+            label, raw, parse = s.env, env[s.env], s.parse_env or s.parse
+            source = label
+        else:
+            values[s.name], sources[s.name], labels[s.name] = (
+                s.default, "default", s.default_label())
+            continue
+        values[s.name] = parse(label, raw)
+        sources[s.name], labels[s.name], raw_values[s.name] = source, label, raw
+    return FlashComm2Config(**values, sources=sources, raw_values=raw_values, labels=labels)
 
 
 # --------------------------------------------------------------------------
 # validation against the engine configuration
 # --------------------------------------------------------------------------
-
-
-def _label(cfg: FlashComm2Config, name: str, env_name: str) -> str:
-    """Source label for messages: the env var / additional_config key given."""
-    src = cfg.sources.get(name, "default")
-    if src.startswith("additional_config"):
-        return src.split(" (overrides", 1)[0]
-    if src == "default":
-        return f"{env_name} (unset; default)"
-    return src
 
 
 def _raw(cfg: FlashComm2Config, name: str) -> Any:
@@ -386,9 +380,9 @@ def validate_flashcomm2_config(cfg: FlashComm2Config, vllm_config: Any,
     checked when FlashComm2 and o_shared are both off.
     """
     env = os.environ if env is None else env
-    size_src = _label(cfg, "parallel_size", ENV_PARALLEL_SIZE)
-    oshared_src = _label(cfg, "oshared", ENV_OSHARED)
-    step_src = _label(cfg, "prefetch_step", ENV_PREFETCH_STEP)
+    size_src = cfg.labels["parallel_size"]
+    oshared_src = cfg.labels["oshared"]
+    step_src = cfg.labels["prefetch_step"]
 
     if cfg.oshared and not cfg.enabled:
         raise _bad(
@@ -398,15 +392,13 @@ def validate_flashcomm2_config(cfg: FlashComm2Config, vllm_config: Any,
             f"or {_ac(ADDITIONAL_CONFIG_PARALLEL_SIZE)} to an o_proj TP size >= 1",
         )
     # FlashComm2-only settings given explicitly (and "on") while it is off.
-    for name, env_name, what in (
-        ("int8_all_to_all", ENV_INT8_ALL_TO_ALL, "the int8 all-to-all is part of FlashComm2"),
-        ("adaptive_tokens", ENV_ADAPTIVE_TOKENS,
-         "adaptive FlashComm2 switches between FlashComm2 and plain TP"),
+    for name, what in (
+        ("int8_all_to_all", "the int8 all-to-all is part of FlashComm2"),
+        ("adaptive_tokens", "adaptive FlashComm2 switches between FlashComm2 and plain TP"),
     ):
-        if (not cfg.enabled and getattr(cfg, name)
-                and cfg.sources.get(name, "default") != "default"):
+        if not cfg.enabled and getattr(cfg, name) and name in cfg.raw_values:
             raise _bad(
-                _label(cfg, name, env_name), _raw(cfg, name),
+                cfg.labels[name], _raw(cfg, name),
                 f"{what}, but FlashComm2 is off ({size_src}="
                 f"{_raw(cfg, 'parallel_size')!r}); set an o_proj TP size >= 1 or drop "
                 "this setting",

@@ -26,20 +26,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from vllm_ascend_ext.config import (
-    ADDITIONAL_CONFIG_ADAPTIVE_TOKENS,
-    ADDITIONAL_CONFIG_INT8_ALL_TO_ALL,
-    ADDITIONAL_CONFIG_LAYER_SHARDING,
-    ADDITIONAL_CONFIG_PARALLEL_SIZE,
-    ADDITIONAL_CONFIG_PREFETCH_STEP,
-    ENV_ADAPTIVE_TOKENS,
-    ENV_INT8_ALL_TO_ALL,
-    ENV_OSHARED,
-    ENV_PARALLEL_SIZE,
-    ENV_PREFETCH_STEP,
-    FlashComm2Config,
-    FlashComm2ConfigError,
-)
+from vllm_ascend_ext.config import SETTINGS, FlashComm2Config, FlashComm2ConfigError
 
 __all__ = [
     "AGREEMENT_TIMEOUT_S",
@@ -56,16 +43,8 @@ __all__ = [
 AGREEMENT_TIMEOUT_S = 60.0
 
 #: (field, how the user sets it) for the five settings that must agree.
-AGREED_FIELDS: tuple[tuple[str, str], ...] = (
-    ("parallel_size", f"{ENV_PARALLEL_SIZE} / additional_config"
-                      f'["{ADDITIONAL_CONFIG_PARALLEL_SIZE}"]'),
-    ("oshared", f'{ENV_OSHARED} / additional_config["{ADDITIONAL_CONFIG_LAYER_SHARDING}"]'),
-    ("prefetch_step", f"{ENV_PREFETCH_STEP} / additional_config"
-                      f'["{ADDITIONAL_CONFIG_PREFETCH_STEP}"]'),
-    ("int8_all_to_all", f"{ENV_INT8_ALL_TO_ALL} / additional_config"
-                        f'["{ADDITIONAL_CONFIG_INT8_ALL_TO_ALL}"]'),
-    ("adaptive_tokens", f"{ENV_ADAPTIVE_TOKENS} / additional_config"
-                        f'["{ADDITIONAL_CONFIG_ADAPTIVE_TOKENS}"]'),
+AGREED_FIELDS: tuple[tuple[str, str], ...] = tuple(
+    (s.name, f'{s.env} / additional_config["{s.key}"]') for s in SETTINGS
 )
 
 _KEY_PREFIX = "vllm_ascend_ext/flashcomm2-settings"
