@@ -301,7 +301,8 @@ def main(argv=None):
     report["max_rel_gap_measured_vs_formula_when_P_divides_T"] = worst
 
     # The planner's figures for the same layouts must be the op's (P | T).
-    from vllm_ascend_ext.planner import ModelShape, comm_per_layer
+    from vllm_ascend_ext.tools.planner.model import comm_per_layer
+    from vllm_ascend_ext.tools.planner.shapes import ModelShape
 
     worst_plan = 0.0
     for r in report["rows"]:

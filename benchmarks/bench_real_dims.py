@@ -25,7 +25,7 @@ Phases (``--phase``, default ``all``; each run merges into ``--out``):
                end (parameters, oneDNN handles, o_shared buffers): works for
                all three layouts, page-granular.
              Both are compared with the capacity planner
-             (``planner.plan`` -> ``memory.stages``) for the same config.
+             (``tools.planner.model.plan`` -> ``memory.stages``) for the same config.
 ``timing``   a separate 2-rank gloo world (vLLM parallel state): one o_proj
              (7168 x 16384 bf16) per layer in an o_shared series with prefetch
              step 0, so every ``wait`` is one synchronous broadcast of a whole
@@ -126,14 +126,15 @@ def run_engine(model: Path, key: str, timeout: int) -> dict:
 
 def planner_figures(model: Path, tokens) -> dict:
     """The capacity planner's per-rank o_proj bytes for this checkpoint at TP2, k=1."""
-    from vllm_ascend_ext import planner
+    from vllm_ascend_ext.tools.planner import model as planner
+    from vllm_ascend_ext.tools.planner.shapes import load_model_shape
 
-    shape = planner.load_model_shape(str(model))
+    shape = load_model_shape(str(model))
     p = planner.plan(shape, planner.PlanInputs(tp=TP, otp_size=1, prefetch_step=PREFETCH_STEP,
                                                weight_dtype="bf16", tokens=tuple(tokens)))
     st = p["memory"]["stages"][0]
     return {
-        "function": "vllm_ascend_ext.planner.plan -> memory.stages[0]",
+        "function": "vllm_ascend_ext.tools.planner.model.plan -> memory.stages[0]",
         "per_layer_bytes": p["layout"]["per_layer_bytes"],
         "plain": [st["plain_tp_bytes"]] * TP,
         "fc2": [st["replicated_bytes"]] * TP,

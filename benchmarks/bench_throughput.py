@@ -70,10 +70,11 @@ def _oproj_bytes(model: str, tp: int, flags: dict) -> int:
     """o_proj bytes group rank 0 holds (fp32 checkpoints), from the capacity
     planner's model of the ring, which tests/test_planner.py checks against
     the real series."""
-    from vllm_ascend_ext import planner
     from vllm_ascend_ext.ops.shared_weight.ring_index import slots_needed
+    from vllm_ascend_ext.tools.planner.model import owned_layers
+    from vllm_ascend_ext.tools.planner.shapes import load_model_shape
 
-    shape = planner.load_model_shape(model)
+    shape = load_model_shape(model)
     L, W = shape.num_layers, shape.o_proj_in * shape.hidden_size * 4
     if not flags:
         return L * W // tp  # plain TP: a 1/TP shard of every layer
@@ -83,7 +84,7 @@ def _oproj_bytes(model: str, tp: int, flags: dict) -> int:
     # Under the adaptive switch (on unless set to 0) o_shared also keeps
     # plain TP's slice of every layer for the small passes.
     slices = L * W // tp if flags.get(_ADAPTIVE, "1") != "0" else 0
-    return (planner.owned_layers(0, L, tp, 0) + slots) * W + slices
+    return (owned_layers(0, L, tp, 0) + slots) * W + slices
 
 
 def run_one(model: str, tp: int, env_flags: dict, args) -> dict:

@@ -6,7 +6,7 @@ each), then vLLM's own ``vllm bench serve`` for every workload against it,
 from this machine through the loopback relay. Configurations are interleaved
 over rounds. Besides tokens/s it records the bytes that crossed the link per
 generated token (decode-heavy) and per prompt token (prefill-heavy), which
-the planner's formulas predict (``planner.link_bytes_per_step``).
+the step model predicts (``vllm_ascend_ext.tools.planner.step_model``).
 """
 
 from __future__ import annotations
@@ -89,15 +89,27 @@ def _rate_bytes(rate: str) -> float:
     raise ValueError(f"--link-rate {rate!r}: expected e.g. 200mbit or 1gbit")
 
 
+def oproj_mode(flags: dict):
+    """The step model's o_proj mode and adaptive threshold for a configuration's
+    environment flags, read by the plugin's own parser (not from its name)."""
+    from vllm_ascend_ext.config import parse_flashcomm2_config
+    from vllm_ascend_ext.tools.planner.step_model import OprojMode
+
+    cfg = parse_flashcomm2_config(flags, None)
+    mode = OprojMode(flashcomm2=cfg.enabled, oshared=cfg.oshared,
+                     adaptive=cfg.enabled and cfg.adaptive_tokens > 0)
+    return mode, cfg.adaptive_tokens
+
+
 def main_two_hosts(model: str, configs: list, workloads: dict, args, oproj_bytes) -> int:
     import statistics
 
     from _world import machine_line, write_results
 
-    from vllm_ascend_ext import planner
     from vllm_ascend_ext.config import DEFAULT_ADAPTIVE_TOKENS
-    from vllm_ascend_ext.link_model import LinkModel
-    from vllm_ascend_ext.step_model import (
+    from vllm_ascend_ext.tools.planner.link_model import LinkModel
+    from vllm_ascend_ext.tools.planner.shapes import load_model_shape
+    from vllm_ascend_ext.tools.planner.step_model import (
         calibrated_compute_s,
         workload_comm,
         workload_steps,
@@ -115,7 +127,7 @@ def main_two_hosts(model: str, configs: list, workloads: dict, args, oproj_bytes
     else:
         samples = run_two_hosts(model, configs, workloads, args)
         measured_on = machine_line()
-    shape = planner.load_model_shape(model)
+    shape = load_model_shape(model)
     dbytes = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
     link = LinkModel(rate_bytes_per_s=_rate_bytes(args.link_rate))
     rows = []
@@ -123,15 +135,15 @@ def main_two_hosts(model: str, configs: list, workloads: dict, args, oproj_bytes
         inp, outp = workloads[workload]
         steps = workload_steps(args.num_prompts, inp, outp, max_batched_tokens=MAX_BATCHED_TOKENS)
         plain = samples[(workload, configs[0][0])]
-        plain_comm = workload_comm(shape, args.tp, steps, configs[0][0], link, dbytes, dbytes,
-                                   DEFAULT_ADAPTIVE_TOKENS)
+        plain_mode, plain_threshold = oproj_mode(configs[0][1])
+        plain_comm = workload_comm(shape, args.tp, steps, plain_mode, link, dbytes, dbytes,
+                                   plain_threshold)
         compute = calibrated_compute_s(statistics.median(s["duration_s"] for s in plain),
                                        plain_comm)
         for name, flags in configs:
             runs = samples[(workload, name)]
-            threshold = int(flags.get("VLLM_ASCEND_FLASHCOMM2_ADAPTIVE_TOKENS",
-                                      DEFAULT_ADAPTIVE_TOKENS))
-            comm = workload_comm(shape, args.tp, steps, name, link, dbytes, dbytes, threshold)
+            mode, threshold = oproj_mode(flags)
+            comm = workload_comm(shape, args.tp, steps, mode, link, dbytes, dbytes, threshold)
             ratios = [r["tokens_per_s"] / p["tokens_per_s"] for r, p in zip(runs, plain)]
             link_bytes = statistics.median(r["link_bytes"] for r in runs)
             per = "output_tokens" if workload == "decode" else "input_tokens"

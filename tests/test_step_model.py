@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_ascend_ext.link_model import LinkModel
-from vllm_ascend_ext.planner import ModelShape
-from vllm_ascend_ext.step_model import (
+from vllm_ascend_ext.tools.planner.link_model import LinkModel
+from vllm_ascend_ext.tools.planner.shapes import ModelShape
+from vllm_ascend_ext.tools.planner.step_model import (
+    ADAPTIVE,
+    ADAPTIVE_OSHARED,
+    FLASHCOMM2,
+    FLASHCOMM2_OSHARED,
+    PLAIN_TP,
     TCP_FRAMING,
     ComputeModel,
     adaptive_threshold,
@@ -26,7 +31,7 @@ BENCH = ModelShape("bench-small", "Qwen3ForCausalLM", 8, 1024, 8, 32)
 
 def test_plain_tp_step_is_two_all_reduces_per_layer_plus_the_embedding():
     T, h, b = 32, 1024, 4
-    c = step_cost(SHAPE, 2, T, "plain TP", LINK, b, b, 1024)
+    c = step_cost(SHAPE, 2, T, PLAIN_TP, LINK, b, b, 1024)
     per_rank = (2 * 8 + 1) * T * h * b  # ring all-reduce at P=2: T*h*b per rank
     assert c.wire_bytes == 2 * per_rank
     assert c.link_seconds == pytest.approx(per_rank / 25e6)
@@ -35,20 +40,20 @@ def test_plain_tp_step_is_two_all_reduces_per_layer_plus_the_embedding():
 
 def test_flashcomm2_replaces_the_o_proj_all_reduce():
     T, h, a, b = 32, 1024, 2048, 4
-    c = step_cost(SHAPE, 2, T, "FlashComm2 k=1", LINK, b, b, 1024)
+    c = step_cost(SHAPE, 2, T, FLASHCOMM2, LINK, b, b, 1024)
     o_proj = T / 2 * a / 2 * b + T / 2 * h * b  # all-to-all + all-gather, per rank
     assert c.wire_bytes == pytest.approx(2 * (8 * (o_proj + T * h * b) + T * h * b))
 
 
 def test_oshared_broadcasts_every_layer_on_large_steps_only_with_the_switch():
     W = 2048 * 1024 * 4
-    big = step_cost(SHAPE, 2, 2000, "adaptive FlashComm2 k=1 + o_shared", LINK, 4, 4, 1024)
-    fc2 = step_cost(SHAPE, 2, 2000, "adaptive FlashComm2 k=1", LINK, 4, 4, 1024)
+    big = step_cost(SHAPE, 2, 2000, ADAPTIVE_OSHARED, LINK, 4, 4, 1024)
+    fc2 = step_cost(SHAPE, 2, 2000, ADAPTIVE, LINK, 4, 4, 1024)
     assert big.wire_bytes - fc2.wire_bytes == 8 * W
-    small = step_cost(SHAPE, 2, 32, "adaptive FlashComm2 k=1 + o_shared", LINK, 4, 4, 1024)
-    plain = step_cost(SHAPE, 2, 32, "plain TP", LINK, 4, 4, 1024)
+    small = step_cost(SHAPE, 2, 32, ADAPTIVE_OSHARED, LINK, 4, 4, 1024)
+    plain = step_cost(SHAPE, 2, 32, PLAIN_TP, LINK, 4, 4, 1024)
     assert small == plain  # resident slices: a small step is plain TP
-    always = step_cost(SHAPE, 2, 32, "FlashComm2 k=1 + o_shared", LINK, 4, 4, 1024)
+    always = step_cost(SHAPE, 2, 32, FLASHCOMM2_OSHARED, LINK, 4, 4, 1024)
     assert always.wire_bytes > plain.wire_bytes + 8 * W - 1
 
 
@@ -57,15 +62,15 @@ def test_oshared_broadcasts_add_up_one_layer_after_another():
     for P, fan_out in ((2, 1), (4, 3)):
         for mode, sends in (("flat", fan_out), ("pipelined", 1)):
             link = LinkModel(rate_bytes_per_s=25e6, latency_s=0.0, broadcast=mode)
-            fc2 = step_cost(BENCH, P, 4096, "FlashComm2 k=1", link, 4, 4, 0)
-            osh = step_cost(BENCH, P, 4096, "FlashComm2 k=1 + o_shared", link, 4, 4, 0)
+            fc2 = step_cost(BENCH, P, 4096, FLASHCOMM2, link, 4, 4, 0)
+            osh = step_cost(BENCH, P, 4096, FLASHCOMM2_OSHARED, link, 4, 4, 0)
             # every layer, not only the owner's share: at P=2 each broadcast
             # runs one way while the other direction idles
             assert osh.link_seconds - fc2.link_seconds == pytest.approx(8 * W * sends / 25e6)
     half = LinkModel(rate_bytes_per_s=25e6, latency_s=0.0, hidden=0.5)
-    full = step_cost(BENCH, 2, 4096, "FlashComm2 k=1 + o_shared", LINK, 4, 4, 0)
-    fc2 = step_cost(BENCH, 2, 4096, "FlashComm2 k=1", LINK, 4, 4, 0)
-    assert step_cost(BENCH, 2, 4096, "FlashComm2 k=1 + o_shared", half, 4, 4, 0).link_seconds \
+    full = step_cost(BENCH, 2, 4096, FLASHCOMM2_OSHARED, LINK, 4, 4, 0)
+    fc2 = step_cost(BENCH, 2, 4096, FLASHCOMM2, LINK, 4, 4, 0)
+    assert step_cost(BENCH, 2, 4096, FLASHCOMM2_OSHARED, half, 4, 4, 0).link_seconds \
         == pytest.approx(fc2.link_seconds + 0.5 * (full.link_seconds - fc2.link_seconds))
 
 
@@ -73,9 +78,9 @@ def test_workload_steps_and_calibration():
     assert workload_steps(32, 16, 128, 4096) == [(512, 1), (32, 127)]
     assert workload_steps(32, 512, 4, 4096) == [(4096, 4), (32, 3)]
     steps = workload_steps(32, 16, 128, 4096)
-    comm = workload_comm(SHAPE, 2, steps, "plain TP", LINK, 4, 4, 1024)
+    comm = workload_comm(SHAPE, 2, steps, PLAIN_TP, LINK, 4, 4, 1024)
     assert comm.wire_bytes == pytest.approx(TCP_FRAMING * sum(
-        n * step_cost(SHAPE, 2, t, "plain TP", LINK, 4, 4, 1024).wire_bytes for t, n in steps))
+        n * step_cost(SHAPE, 2, t, PLAIN_TP, LINK, 4, 4, 1024).wire_bytes for t, n in steps))
     assert calibrated_compute_s(100.0, comm) == pytest.approx(100.0 - comm.link_seconds)
     assert calibrated_compute_s(0.0, comm) == 0.0
 
@@ -85,23 +90,23 @@ def test_predicted_ratio_is_plain_step_time_over_the_configurations():
     T = 4096
     r = predicted_ratios(BENCH, 2, T, LINK, compute, 4, 4, 1024)
     base = compute.step_s(8, T)
-    plain = base + step_cost(BENCH, 2, T, "plain TP", LINK, 4, 4, 1024).link_seconds
-    fc2 = base + step_cost(BENCH, 2, T, "FlashComm2 k=1", LINK, 4, 4, 1024).link_seconds
-    assert r["plain TP"] == 1.0
-    assert r["FlashComm2 k=1"] == pytest.approx(plain / fc2)
+    plain = base + step_cost(BENCH, 2, T, PLAIN_TP, LINK, 4, 4, 1024).link_seconds
+    fc2 = base + step_cost(BENCH, 2, T, FLASHCOMM2, LINK, 4, 4, 1024).link_seconds
+    assert r[PLAIN_TP] == 1.0
+    assert r[FLASHCOMM2] == pytest.approx(plain / fc2)
     # a 4096-token step saves far more than the 4 MiB o_shared broadcasts
-    assert r["FlashComm2 k=1"] > r["FlashComm2 k=1 + o_shared"] > 1.0
+    assert r[FLASHCOMM2] > r[FLASHCOMM2_OSHARED] > 1.0
     small = predicted_ratios(BENCH, 2, 64, LINK, compute, 4, 4, 1024)
-    assert small["FlashComm2 k=1 + o_shared"] < 1.0 < small["FlashComm2 k=1"]
+    assert small[FLASHCOMM2_OSHARED] < 1.0 < small[FLASHCOMM2]
     # at or below the threshold adaptive + o_shared is plain TP exactly
     assert predicted_ratios(BENCH, 2, 8, LINK, compute, 4, 4, 1024)[
-        "adaptive FlashComm2 k=1 + o_shared"] == 1.0
+        ADAPTIVE_OSHARED] == 1.0
 
 
 def _first_faster_by_scan(config, link, limit):
     for t in range(1, limit):
         if (step_cost(BENCH, 2, t, config, link, 4, 4, 0).link_seconds
-                < step_cost(BENCH, 2, t, "plain TP", link, 4, 4, 0).link_seconds):
+                < step_cost(BENCH, 2, t, PLAIN_TP, link, 4, 4, 0).link_seconds):
             return t
     return None
 
@@ -110,7 +115,7 @@ def _first_faster_by_scan(config, link, limit):
 def test_adaptive_threshold_is_one_below_the_first_step_where_flashcomm2_wins(latency_s):
     link = LinkModel(rate_bytes_per_s=25e6, latency_s=latency_s)
     t = adaptive_threshold(BENCH, 2, link, 4, 4, oshared=False)
-    assert t + 1 == _first_faster_by_scan("FlashComm2 k=1", link, 5000)
+    assert t + 1 == _first_faster_by_scan(FLASHCOMM2, link, 5000)
     # o_shared's broadcast of every layer moves the edge far up, and hiding
     # all of it brings it back to FlashComm2's own
     exposed = adaptive_threshold(BENCH, 2, link, 4, 4, oshared=True)

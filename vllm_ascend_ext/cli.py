@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "2 cores; a random model answers with byte soup)")
     mk.set_defaults(func=_make_tiny)
 
-    from vllm_ascend_ext.plan_cli import add_parser as add_plan_parser
+    from vllm_ascend_ext.tools.planner.cli import add_parser as add_plan_parser
 
     add_plan_parser(sub)
     return ap

@@ -57,7 +57,8 @@ def test_adaptive_switch_adds_exactly_the_resident_slices(engines, tiny_model):
     ring) and adds plain TP's slice of every layer for the small passes: the
     planner's figure. FlashComm2 alone holds exactly the full o_proj per layer
     (the small side reads a view of it: kept a plain tensor on CPU, not a copy)."""
-    from vllm_ascend_ext.planner import PlanInputs, load_model_shape, plan
+    from vllm_ascend_ext.tools.planner.model import PlanInputs, plan
+    from vllm_ascend_ext.tools.planner.shapes import load_model_shape
 
     arch = "Qwen3ForCausalLM"
     model_dir = tiny_model(arch)

@@ -1,8 +1,8 @@
 """``vllm-ascend-ext plan``: the capacity planner's command line.
 
-The planner (:mod:`vllm_ascend_ext.planner`) answers memory, broadcast and
-traffic questions in closed form; the step-time model
-(:mod:`vllm_ascend_ext.step_model`) turns the traffic into predicted
+The planner (:mod:`vllm_ascend_ext.tools.planner.model`) answers memory,
+broadcast and traffic questions in closed form; the step-time model
+(:mod:`vllm_ascend_ext.tools.planner.step_model`) turns the traffic into predicted
 throughput ratios and an adaptive threshold. This module joins the two for a
 user who gives a link rate and a compute time per layer.
 """
@@ -14,31 +14,36 @@ import json
 import sys
 from typing import Any
 
-from vllm_ascend_ext.planner import (
+from vllm_ascend_ext.tools.planner import model as planner_model
+from vllm_ascend_ext.tools.planner.errors import PlanError
+from vllm_ascend_ext.tools.planner.link_model import LinkModel
+from vllm_ascend_ext.tools.planner.model import (
     DEFAULT_LATENCY_US,
     DEFAULT_TOKENS,
     DTYPE_BYTES,
     INT8_ALL_TO_ALL_MODES,
-    PRESETS,
-    ModelShape,
-    PlanError,
     PlanInputs,
-    format_text,
-    load_model_shape,
     plan,
 )
-from vllm_ascend_ext.link_model import LinkModel
-from vllm_ascend_ext.step_model import (
-    CONFIG_NAMES,
+from vllm_ascend_ext.tools.planner.shapes import PRESETS, ModelShape, load_model_shape
+from vllm_ascend_ext.tools.planner.step_model import (
+    ADAPTIVE,
+    ADAPTIVE_OSHARED,
+    ALL_MODES,
+    FLASHCOMM2,
+    FLASHCOMM2_OSHARED,
+    PLAIN_TP,
     ComputeModel,
     adaptive_threshold,
     predicted_ratios,
 )
+from vllm_ascend_ext.tools.planner.text import format_text, recommend
 
-#: Column headings of the predicted-ratio table, in CONFIG_NAMES order.
-_SHORT = {"plain TP": "plain TP", "FlashComm2 k=1": "FC2",
-          "FlashComm2 k=1 + o_shared": "FC2+o_shared", "adaptive FlashComm2 k=1": "adaptive",
-          "adaptive FlashComm2 k=1 + o_shared": "adaptive+o_shared"}
+#: Each configuration's name in the JSON output and its column heading in the text.
+_NAMES = {PLAIN_TP: ("plain TP", "plain TP"), FLASHCOMM2: ("FlashComm2 k=1", "FC2"),
+          FLASHCOMM2_OSHARED: ("FlashComm2 k=1 + o_shared", "FC2+o_shared"),
+          ADAPTIVE: ("adaptive FlashComm2 k=1", "adaptive"),
+          ADAPTIVE_OSHARED: ("adaptive FlashComm2 k=1 + o_shared", "adaptive+o_shared")}
 
 
 def step_model_section(shape: ModelShape, x: PlanInputs,
@@ -67,8 +72,10 @@ def step_model_section(shape: ModelShape, x: PlanInputs,
     stage = p["memory"]["stages"][p["memory"]["worst_stage"]]
     stage_shape = ModelShape(shape.name, shape.architecture, stage["num_layers"],
                              shape.hidden_size, shape.num_heads, shape.o_head_dim, shape.is_moe)
-    rows = [{"tokens": T, "ratios": predicted_ratios(stage_shape, x.tp, T, link, compute, ab, wb,
-                                                     x.adaptive_tokens)} for T in x.tokens]
+    rows = [{"tokens": T, "ratios": {
+        _NAMES[mode][0]: ratio for mode, ratio in predicted_ratios(
+            stage_shape, x.tp, T, link, compute, ab, wb, x.adaptive_tokens).items()}}
+        for T in x.tokens]
     return {
         "broadcast_hidden_share": hidden,
         "compute_us_per_layer": {"fixed": x.layer_compute_us,
@@ -94,10 +101,10 @@ def format_step_model(sm: dict[str, Any] | None, x: PlanInputs) -> str:
            f"{sm['broadcast_hidden_share']:.0%} of o_shared's broadcast hidden "
            "(from the prefetch check above); adaptive at "
            f"{x.adaptive_tokens} tokens",
-           "  " + f"{'tokens':>7}" + "".join(f" {_SHORT[n]:>17}" for n in CONFIG_NAMES)]
+           "  " + f"{'tokens':>7}" + "".join(f" {_NAMES[m][1]:>17}" for m in ALL_MODES)]
     for row in sm["rows"]:
         out.append("  " + f"{row['tokens']:>7}"
-                   + "".join(f" {row['ratios'][n]:>17.3f}" for n in CONFIG_NAMES))
+                   + "".join(f" {row['ratios'][_NAMES[m][0]]:>17.3f}" for m in ALL_MODES))
     th = sm["adaptive_threshold"]
 
     def say(v):
@@ -114,11 +121,9 @@ def format_step_model(sm: dict[str, Any] | None, x: PlanInputs) -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    import vllm_ascend_ext.planner as planner
-
     ap = sub.add_parser(
         "plan", help="o_proj memory / broadcast / traffic plan for FlashComm2 + o_shared",
-        description=planner.__doc__.split("\n\n")[0],
+        description=planner_model.__doc__.split("\n\n")[0],
     )
     ap.add_argument("--model", required=True,
                     help=f"preset ({', '.join(sorted(PRESETS))}) or a config.json / model folder")
@@ -170,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    p["recommendation"] = recommend(p)
     p["step_model"] = step_model_section(shape, x, p)
     if args.json:
         print(json.dumps(p, indent=2))

@@ -52,109 +52,21 @@ Conventions:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from vllm_ascend_ext.config import DEFAULT_ADAPTIVE_TOKENS
-from vllm_ascend_ext.link_model import LinkModel
 from vllm_ascend_ext.ops.shared_weight.ring_index import owner_of_layer_idx, slots_needed
 from vllm_ascend_ext.pipeline_stages import pp_stage_ranges
-
-GIB = 1 << 30
-MIB = 1 << 20
+from vllm_ascend_ext.tools.planner.errors import PlanError
+from vllm_ascend_ext.tools.planner.link_model import LinkModel
+from vllm_ascend_ext.tools.planner.shapes import ModelShape
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "int8": 1}
 
 DEFAULT_TOKENS = (1, 256, 4096, 16384)
 DEFAULT_LATENCY_US = 10.0
-
-
-class PlanError(ValueError):
-    """The model or the parallel layout cannot be planned (message says why)."""
-
-
-# --------------------------------------------------------------------------
-# model shapes
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    architecture: str
-    num_layers: int  # hidden layers (MTP layers never join the series)
-    hidden_size: int  # h: o_proj output
-    num_heads: int
-    o_head_dim: int  # v_head_dim (MLA) or head_dim
-    is_moe: bool = False  # MoE: vLLM steps DP replicas in lockstep
-
-    @property
-    def o_proj_in(self) -> int:
-        """a = heads x per-head value size: o_proj's input features."""
-        return self.num_heads * self.o_head_dim
-
-
-#: Keys under which Hugging Face configs give the number of (routed) experts.
-MOE_EXPERT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
-
-#: Real config numbers of the published checkpoints.
-PRESETS: dict[str, ModelShape] = {
-    # config.json: num_hidden_layers 61, hidden_size 7168, num_attention_heads
-    # 128, v_head_dim 128 -> o_proj 16384 x 7168.
-    "deepseek-v3": ModelShape(
-        "DeepSeek-V3", "DeepseekV3ForCausalLM", 61, 7168, 128, 128, is_moe=True),
-    # 94 layers, hidden 4096, 64 heads x head_dim 128 -> o_proj 8192 x 4096.
-    "qwen3-235b-a22b": ModelShape(
-        "Qwen3-235B-A22B", "Qwen3MoeForCausalLM", 94, 4096, 64, 128, is_moe=True),
-    # 64 layers, hidden 5120, 64 heads x head_dim 128 -> o_proj 8192 x 5120.
-    "qwen3-32b": ModelShape(
-        "Qwen3-32B", "Qwen3ForCausalLM", 64, 5120, 64, 128, is_moe=False),
-}
-
-
-def shape_from_config(cfg: dict[str, Any], name: str = "config.json") -> ModelShape:
-    """The o_proj-relevant shape of a Hugging Face ``config.json`` dict."""
-    if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers
-        cfg = {**cfg, **cfg["text_config"]}
-    try:
-        layers = int(cfg["num_hidden_layers"])
-        hidden = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
-    except KeyError as e:
-        raise PlanError(f"{name}: missing {e.args[0]!r}; is this a decoder config.json?") from None
-    if cfg.get("v_head_dim"):  # MLA (DeepSeek V2/V3): o_proj sees heads x v_head_dim
-        head_dim = int(cfg["v_head_dim"])
-    elif cfg.get("head_dim"):
-        head_dim = int(cfg["head_dim"])
-    else:
-        if hidden % heads:
-            raise PlanError(f"{name}: hidden_size {hidden} is not a multiple of {heads} heads")
-        head_dim = hidden // heads
-    arch = (cfg.get("architectures") or ["unknown"])[0]
-    is_moe = any(
-        isinstance(cfg.get(key), int) and not isinstance(cfg.get(key), bool) and cfg[key] > 0
-        for key in MOE_EXPERT_KEYS
-    )
-    return ModelShape(name, arch, layers, hidden, heads, head_dim, is_moe=is_moe)
-
-
-def load_model_shape(model: str) -> ModelShape:
-    """A preset name, a ``config.json`` path, or a folder holding one."""
-    key = model.lower()
-    if key in PRESETS:
-        return PRESETS[key]
-    path = Path(model)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise PlanError(
-            f"{model!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
-            "nor a config.json / model folder"
-        )
-    return shape_from_config(json.loads(path.read_text()), name=str(path))
 
 
 # --------------------------------------------------------------------------
@@ -416,147 +328,4 @@ def plan(shape: ModelShape, x: PlanInputs) -> dict[str, Any]:
         "fc2_to_fc1_ratio": fc2_to_fc1,
         "break_even_tokens": break_even,
     }
-    out["recommendation"] = recommend(shape, x, out)
     return out
-
-
-def recommend(shape: ModelShape, x: PlanInputs, p: dict[str, Any]) -> list[str]:
-    mem, lay, t = p["memory"], p["layout"], p["timing"]
-    n, W = lay["oshared_group_size"], lay["per_layer_bytes"]
-    lines = [
-        f"o_shared cuts o_proj memory per rank from {_gib(mem['replicated_bytes'])} "
-        f"(FlashComm2 alone) to {_gib(mem['ours_bytes'])}, saving "
-        f"{_gib(mem['saved_bytes'])} on the worst PP stage; upstream's ring would hold "
-        f"{_gib(mem['upstream_bytes'])}, the 1/{n} floor is {_gib(mem['floor_bytes'])} "
-        f"(plain TP without FlashComm2: {_gib(mem['plain_tp_bytes'])})."
-    ]
-    if t is None:
-        lines.append(
-            "Broadcast timing not assessed: pass --link-gbps and --layer-compute-us."
-        )
-    elif t["hidden"]:
-        lines.append(
-            f"Prefetch step {x.prefetch_step} hides the broadcast: {t['broadcast_us']:.0f} us "
-            f"per layer against a {t['window_us']:.0f} us window, and the link keeps up "
-            f"({t['transfer_us']:.0f} us of transfer per {x.layer_compute_us:.0f} us layer)."
-        )
-    elif not t["throughput_ok"]:
-        lines.append(
-            f"The link cannot keep up: moving one layer ({_mib(W)}) takes "
-            f"{t['transfer_us']:.0f} us but a layer computes in {x.layer_compute_us:.0f} us, "
-            "so every layer stalls whatever the prefetch step. Use o_shared only where "
-            "memory is the binding limit (or on prefill nodes with longer layers), or a "
-            "larger --otp-size (smaller shards)."
-        )
-    elif t["min_prefetch_step_fits"]:
-        lines.append(
-            f"Prefetch step {x.prefetch_step} leaves {t['exposed_us_per_layer']:.0f} us exposed "
-            f"per layer; use --prefetch-step {t['min_prefetch_step']} (one more "
-            f"{_mib(W)} buffer per extra step at most)."
-        )
-    else:
-        lines.append(
-            f"The broadcast needs a prefetch step of {t['min_prefetch_step']}, more than "
-            "this PP stage has layers; expect stalls."
-        )
-    be = p["break_even_tokens"]
-    if be is None:
-        lines.append("With this layout FlashComm2 sends no fewer bytes than plain TP.")
-    else:
-        lines.append(
-            f"Per layer, FlashComm2 saves {p['fc2_saved_bytes_per_token']:.0f} bytes per token "
-            f"against plain TP; o_shared's {_mib(W)} broadcast equals that at about "
-            f"{be:,.0f} tokens per step. Below it (decode, small batches) the broadcast "
-            "moves more bytes than FlashComm2 saves and pays only while it stays hidden "
-            "behind compute; upstream also found FlashComm2 slows decode, so prefer it "
-            "for prefill-heavy serving."
-        )
-    if n < 2:
-        lines.append("The o_shared group has one rank: there is nothing to share.")
-    return lines
-
-
-# --------------------------------------------------------------------------
-# text output and CLI
-# --------------------------------------------------------------------------
-
-
-def _gib(v: float) -> str:
-    return f"{v / GIB:.2f} GiB"
-
-
-def _mib(v: float) -> str:
-    return f"{v / MIB:.1f} MiB"
-
-
-def _bytes(v: float) -> str:
-    return _gib(v) if abs(v) >= GIB else _mib(v) if abs(v) >= MIB else f"{v / 1024:.1f} KiB"
-
-
-def format_text(p: dict[str, Any]) -> str:
-    m, x, lay, mem = p["model"], p["inputs"], p["layout"], p["memory"]
-    out = [
-        f"model      {m['name']} ({m['architecture']}): {m['num_layers']} layers, "
-        f"hidden {m['hidden_size']}, o_proj {m['o_proj_in']} x {m['hidden_size']}",
-        f"layout     TP {x['tp']} x DP {x['dp']} x PP {x['pp']} = {lay['devices']} devices; "
-        f"o_proj TP size k={x['otp_size']}, o_shared group n={lay['oshared_group_size']} "
-        + (f"(spans the {x['dp']} DP replicas of a PP stage: MoE replicas step in lockstep)"
-           if lay["oshared_spans_dp"] else "(per DP replica and PP stage)")
-        + f", prefetch step {x['prefetch_step']}",
-        f"weights    {x['weight_dtype']}: one o_proj shard W = {_mib(lay['per_layer_bytes'])}"
-        + (" (int8 scales not counted)" if x["weight_dtype"] == "int8" else ""),
-        "",
-        f"o_proj bytes per rank (worst PP stage: {mem['worst_stage']})",
-        f"  plain TP (no FlashComm2)          {_gib(mem['plain_tp_bytes']):>12}",
-        f"  FlashComm2, replicated            {_gib(mem['replicated_bytes']):>12}",
-        f"  o_shared, this ring (worst rank)  {_gib(mem['ours_bytes']):>12}",
-        f"  o_shared, upstream's ring         {_gib(mem['upstream_bytes']):>12}"
-        "   (ceil(L/n)W + (s+1)W)",
-        f"  floor L*W/n                       {_gib(mem['floor_bytes']):>12}",
-        f"  o_shared + resident slices        {_gib(mem['ours_total_bytes']):>12}"
-        + (f"   (adaptive at <= {x['adaptive_tokens']} tokens: small passes run plain "
-           "TP's slice, no broadcast)" if x["adaptive_tokens"] else "   (adaptive off)"),
-    ]
-    for st in mem["stages"]:
-        worst = max(st["ranks"], key=lambda r: r["resident_bytes"])
-        out.append(
-            f"  stage {st['pp_rank']}: layers {st['start_layer']}-"
-            f"{st['start_layer'] + st['num_layers'] - 1}, worst rank owns "
-            f"{worst['owned_layers']} + {worst['slots']} ring slot(s)"
-        )
-    t = p["timing"]
-    out.append("")
-    if t is None:
-        out.append("broadcast  not assessed (give --link-gbps and --layer-compute-us)")
-    else:
-        out += [
-            f"broadcast  W / B + alpha = {t['transfer_us']:.1f} + {t['latency_us']:.1f} = "
-            f"{t['broadcast_us']:.1f} us per layer at {t['link_gbps']:g} Gbit/s "
-            f"({t['link_gbytes_per_s']:.1f} GB/s); binomial tree {t['tree_broadcast_us']:.1f} us",
-            f"           window = prefetch step x layer compute = {t['window_us']:.1f} us; "
-            f"link keeps up: {'yes' if t['throughput_ok'] else 'no'}; "
-            f"hidden: {'yes' if t['hidden'] else 'no'}"
-            + (f"; smallest step that hides it: {t['min_prefetch_step']}"
-               if t["min_prefetch_step"] is not None else ""),
-        ]
-    wire = {"off": "", "static": "; all-to-all in int8",
-            "dynamic": "; all-to-all in int8, plus the all-reduce of fp32 per-token scales"}
-    out += ["", f"bytes sent per rank per layer ({x['act_dtype']} activations"
-            f"{wire[x['int8_all_to_all']]})",
-            f"  {'tokens':>7} {'TP allreduce':>13} {'FC2 a2a':>11} {'FC2 otp-RS':>11} "
-            f"{'FC2 allgather':>13} {'FC2 saves':>11} {'saves - W':>11}"]
-    for c in p["comm"]:
-        out.append(
-            f"  {c['tokens']:>7} {_bytes(c['tp_allreduce']):>13} "
-            f"{_bytes(c['fc2_all_to_all'] + c['fc2_scale_all_reduce']):>11} "
-            f"{_bytes(c['fc2_otp_reduce_scatter']):>11} {_bytes(c['fc2_all_gather']):>13} "
-            f"{_bytes(c['fc2_saved_vs_tp']):>11} {_bytes(c['net_saved_with_oshared']):>11}"
-        )
-    out.append(f"  FC2 all-to-all / FC1 reduce-scatter bytes: {p['fc2_to_fc1_ratio']:.3f}"
-               + (" (= a/(P*h))" if x["otp_size"] == 1 and x["int8_all_to_all"] == "off"
-                  else ""))
-    be = p["break_even_tokens"]
-    out.append("  break-even (o_shared broadcast = FC2 saving): "
-               + (f"{be:,.0f} tokens" if be is not None else "never"))
-    out += ["", "recommendation"] + [f"  - {line}" for line in p["recommendation"]]
-    return "\n".join(out)

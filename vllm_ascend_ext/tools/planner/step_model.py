@@ -23,7 +23,7 @@ adaptive (+ o_shared)  steps of at most ``threshold`` tokens: plain TP's
 
 plus one all-reduce per step for the vocabulary-parallel embedding.
 Ranks send concurrently, so a collective's time is its per-rank bytes (what
-:func:`vllm_ascend_ext.planner.comm_per_layer` counts) over the rate.
+:func:`vllm_ascend_ext.tools.planner.model.comm_per_layer` counts) over the rate.
 
 What the model cannot know: how much of a broadcast an accelerator hides
 behind compute, the kernel time of each configuration's o_proj, and the
@@ -36,15 +36,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm_ascend_ext.link_model import LinkModel
-from vllm_ascend_ext.planner import ModelShape, comm_per_layer
+from vllm_ascend_ext.tools.planner.link_model import LinkModel
+from vllm_ascend_ext.tools.planner.model import comm_per_layer
+from vllm_ascend_ext.tools.planner.shapes import ModelShape
 
-__all__ = ["CONFIG_NAMES", "ComputeModel", "StepCost", "adaptive_threshold",
+__all__ = ["ADAPTIVE", "ADAPTIVE_OSHARED", "ALL_MODES", "FLASHCOMM2", "FLASHCOMM2_OSHARED",
+           "PLAIN_TP", "ComputeModel", "OprojMode", "StepCost", "adaptive_threshold",
            "calibrated_compute_s", "predicted_ratios", "workload_steps", "workload_comm"]
 
-#: The configurations the throughput benchmark runs, by the names it uses.
-CONFIG_NAMES = ("plain TP", "FlashComm2 k=1", "FlashComm2 k=1 + o_shared",
-                "adaptive FlashComm2 k=1", "adaptive FlashComm2 k=1 + o_shared")
+
+@dataclass(frozen=True)
+class OprojMode:
+    """How a configuration runs the o_proj (FlashComm2 with k = 1)."""
+
+    flashcomm2: bool = False
+    oshared: bool = False  # o_shared's broadcast per layer (needs flashcomm2)
+    adaptive: bool = False  # steps of at most the threshold run plain TP
+
+
+PLAIN_TP = OprojMode()
+FLASHCOMM2 = OprojMode(flashcomm2=True)
+FLASHCOMM2_OSHARED = OprojMode(flashcomm2=True, oshared=True)
+ADAPTIVE = OprojMode(flashcomm2=True, adaptive=True)
+ADAPTIVE_OSHARED = OprojMode(flashcomm2=True, oshared=True, adaptive=True)
+#: The configurations the model compares (and the throughput benchmark runs).
+ALL_MODES = (PLAIN_TP, FLASHCOMM2, FLASHCOMM2_OSHARED, ADAPTIVE, ADAPTIVE_OSHARED)
 
 
 #: Bytes on an Ethernet link per byte a collective sends over TCP: a full
@@ -73,15 +89,10 @@ class ComputeModel:
         return num_layers * (self.layer_fixed_s + self.layer_per_token_s * tokens)
 
 
-def _config(name: str) -> tuple[bool, bool, bool]:
-    """(FlashComm2, o_shared, adaptive) of a benchmark configuration."""
-    return ("FlashComm2" in name, "o_shared" in name, name.startswith("adaptive"))
-
-
-def step_cost(shape: ModelShape, tp: int, tokens: int, config: str, link: LinkModel,
+def step_cost(shape: ModelShape, tp: int, tokens: int, mode: OprojMode, link: LinkModel,
               act_bytes: int, weight_bytes: int, threshold: int) -> StepCost:
-    fc2, oshared, adaptive = _config(config)
-    small = adaptive and tokens <= threshold
+    fc2, oshared = mode.flashcomm2, mode.oshared
+    small = mode.adaptive and tokens <= threshold
     c = comm_per_layer(shape, tp, 1, act_bytes, tokens)
     L, P = shape.num_layers, tp
     if fc2 and not small:
@@ -121,7 +132,7 @@ def workload_steps(num_prompts: int, input_len: int, output_len: int,
     return steps
 
 
-def workload_comm(shape: ModelShape, tp: int, steps: list[tuple[int, int]], config: str,
+def workload_comm(shape: ModelShape, tp: int, steps: list[tuple[int, int]], mode: OprojMode,
                   link: LinkModel, act_bytes: int, weight_bytes: int,
                   threshold: int) -> StepCost:
     """The summed communication of a workload's steps (``wire_bytes`` here
@@ -129,7 +140,7 @@ def workload_comm(shape: ModelShape, tp: int, steps: list[tuple[int, int]], conf
     secs = wire = 0.0
     n = 0
     for tokens, count in steps:
-        c = step_cost(shape, tp, tokens, config, link, act_bytes, weight_bytes, threshold)
+        c = step_cost(shape, tp, tokens, mode, link, act_bytes, weight_bytes, threshold)
         secs += count * c.link_seconds
         wire += count * c.wire_bytes
         n += count * c.collectives
@@ -144,13 +155,13 @@ def calibrated_compute_s(measured_plain_s: float, plain_comm: StepCost) -> float
 
 def predicted_ratios(shape: ModelShape, tp: int, tokens: int, link: LinkModel,
                      compute: ComputeModel, act_bytes: int, weight_bytes: int,
-                     threshold: int) -> dict[str, float]:
+                     threshold: int) -> dict[OprojMode, float]:
     """Throughput of every configuration relative to plain TP for steps of
     ``tokens`` tokens: plain TP's step time over the configuration's."""
     base = compute.step_s(shape.num_layers, tokens)
-    times = {name: base + step_cost(shape, tp, tokens, name, link, act_bytes, weight_bytes,
-                                    threshold).link_seconds for name in CONFIG_NAMES}
-    return {name: times["plain TP"] / t for name, t in times.items()}
+    times = {mode: base + step_cost(shape, tp, tokens, mode, link, act_bytes, weight_bytes,
+                                    threshold).link_seconds for mode in ALL_MODES}
+    return {mode: times[PLAIN_TP] / t for mode, t in times.items()}
 
 
 def adaptive_threshold(shape: ModelShape, tp: int, link: LinkModel, act_bytes: int,
@@ -167,11 +178,11 @@ def adaptive_threshold(shape: ModelShape, tp: int, link: LinkModel, act_bytes: i
     multiple of ``tp`` the sign changes once: doubling finds a bracket,
     bisection the edge. Compute is the same on both sides, so only the
     link decides."""
-    name = "FlashComm2 k=1 + o_shared" if oshared else "FlashComm2 k=1"
+    mode = FLASHCOMM2_OSHARED if oshared else FLASHCOMM2
 
     def faster(t: int) -> bool:
-        plain = step_cost(shape, tp, t, "plain TP", link, act_bytes, weight_bytes, 0)
-        ours = step_cost(shape, tp, t, name, link, act_bytes, weight_bytes, 0)
+        plain = step_cost(shape, tp, t, PLAIN_TP, link, act_bytes, weight_bytes, 0)
+        ours = step_cost(shape, tp, t, mode, link, act_bytes, weight_bytes, 0)
         return ours.link_seconds < plain.link_seconds
 
     hi = tp  # below one token per rank FlashComm2 only pads
