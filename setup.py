@@ -19,7 +19,7 @@ setup(
     version="0.1.0",
     description="FlashComm2 + o_shared (round-robin o_proj sharing) for vLLM",
     packages=find_packages(include=["vllm_ascend_ext", "vllm_ascend_ext.*"]),
-    package_data={"vllm_ascend_ext.tiny_models": ["data/*.txt"]},
+    package_data={"vllm_ascend_ext.tools.tiny_models": ["data/*.txt"]},
     python_requires=">=3.10",
     install_requires=["safetensors", "tokenizers"],
     extras_require={
@@ -31,6 +31,6 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["vllm_ascend_ext = vllm_ascend_ext:register"],
-        "console_scripts": ["vllm-ascend-ext = vllm_ascend_ext.cli:main"],
+        "console_scripts": ["vllm-ascend-ext = vllm_ascend_ext.tools.cli:main"],
     },
 )

@@ -53,7 +53,7 @@ PREFETCH_STEP = 1  # the flag's default
 def checkpoint_dir(args) -> Path:
     if args.model_dir:
         return Path(args.model_dir)
-    from vllm_ascend_ext.tiny_models.factory import default_cache_root
+    from vllm_ascend_ext.tools.tiny_models.factory import default_cache_root
 
     return default_cache_root() / f"real-dims-{ARCH}-L{args.layers}-r{RECIPE}"
 
@@ -68,7 +68,7 @@ def build_checkpoint(out: Path, layers: int) -> dict:
     import torch
     import transformers
 
-    from vllm_ascend_ext.tiny_models import factory
+    from vllm_ascend_ext.tools.tiny_models import factory
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

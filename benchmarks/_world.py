@@ -67,7 +67,7 @@ def child_env(tp: int, flags: dict[str, str], cpu: bool = True) -> dict[str, str
     settings for ``tp`` ranks unless ``cpu`` is False, plus ``flags``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_ASCEND_")}
     if cpu:
-        from vllm_ascend_ext.local_server import cpu_env
+        from vllm_ascend_ext.tools.local_server import cpu_env
 
         env.update(cpu_env(tp))
     env.update(flags)

@@ -5,7 +5,7 @@
     # one rank per host (run both; rank 0 writes --out)
     GLOO_SOCKET_IFNAME=eth0 .venv/bin/python benchmarks/bench_collectives.py \\
         --rank 0 --world-size 2 --master-addr 10.0.0.1 --master-port 29511 --out r.json
-    # (root) two emulated hosts (vllm_ascend_ext.multinode.netns.TwoHosts),
+    # (root) two emulated hosts (vllm_ascend_ext.tools.multinode.netns.TwoHosts),
     # their veth shaped to RATE each way
     .venv/bin/python benchmarks/bench_collectives.py --shaped-link 200mbit --out r.json
 
@@ -293,7 +293,7 @@ def _local(args) -> None:
 
 
 def _shaped(args) -> None:
-    from vllm_ascend_ext.multinode.netns import TwoHosts
+    from vllm_ascend_ext.tools.multinode.netns import TwoHosts
 
     with TwoHosts(rate=args.shaped_link) as hosts:
         port = 29511

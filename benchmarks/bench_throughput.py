@@ -56,7 +56,7 @@ WORKLOADS = {"decode": (16, 128), "prefill": (512, 4)}
 def _model_dir(args) -> str:
     if args.model:
         return args.model
-    from vllm_ascend_ext.tiny_models.factory import default_cache_root, make_tiny_checkpoint
+    from vllm_ascend_ext.tools.tiny_models.factory import default_cache_root, make_tiny_checkpoint
 
     arch, layers, hidden = PRESETS[args.preset]
     out = default_cache_root() / f"bench-{args.preset}-{arch}-L{layers}-H{hidden}"
@@ -88,7 +88,7 @@ def _oproj_bytes(model: str, tp: int, flags: dict) -> int:
 
 
 def run_one(model: str, tp: int, env_flags: dict, args) -> dict:
-    from vllm_ascend_ext.local_server import vllm_cli
+    from vllm_ascend_ext.tools.local_server import vllm_cli
 
     env = child_env(tp, env_flags, cpu=not args.no_cpu_env)
     with tempfile.TemporaryDirectory() as td:

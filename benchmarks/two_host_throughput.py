@@ -1,5 +1,5 @@
 """``bench_throughput.py --hosts 2``: the same configurations and workloads,
-served across two emulated hosts on a shaped link (``vllm_ascend_ext.multinode``).
+served across two emulated hosts on a shaped link (``vllm_ascend_ext.tools.multinode``).
 
 Per configuration one two-host ``vllm serve`` (TP across the hosts, one rank
 each), then vLLM's own ``vllm bench serve`` for every workload against it,
@@ -27,7 +27,7 @@ SERVER_ARGS = ["--max-model-len", "1024", "--max-num-batched-tokens", str(MAX_BA
 
 def _bench_serve(server, model: str, input_len: int, output_len: int, num_prompts: int,
                  timeout: float) -> dict:
-    from vllm_ascend_ext.local_server import vllm_cli
+    from vllm_ascend_ext.tools.local_server import vllm_cli
 
     with tempfile.TemporaryDirectory() as td:
         cmd = [vllm_cli(), "bench", "serve", "--backend", "vllm", "--base-url", server.base_url,
@@ -46,8 +46,8 @@ def _bench_serve(server, model: str, input_len: int, output_len: int, num_prompt
 def run_two_hosts(model: str, configs: list, workloads: dict, args) -> dict:
     """``{(workload, config name): [sample, ...]}``; a sample holds tokens/s,
     the link bytes and the token counts of one ``vllm bench serve`` run."""
-    from vllm_ascend_ext.multinode.netns import TwoHosts
-    from vllm_ascend_ext.multinode.serve import TwoHostServer
+    from vllm_ascend_ext.tools.multinode.netns import TwoHosts
+    from vllm_ascend_ext.tools.multinode.serve import TwoHostServer
 
     samples: dict[tuple[str, str], list[dict]] = {}
     with TwoHosts(rate=args.link_rate) as hosts:

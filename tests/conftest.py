@@ -42,6 +42,6 @@ def pytest_ignore_collect(collection_path, config):
 @pytest.fixture(scope="session")
 def tiny_model():
     """``tiny_model(arch) -> Path`` of a saved tiny checkpoint."""
-    from vllm_ascend_ext.tiny_models import tiny_checkpoint
+    from vllm_ascend_ext.tools.tiny_models import tiny_checkpoint
 
     return tiny_checkpoint

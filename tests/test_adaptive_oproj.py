@@ -188,7 +188,7 @@ def _w8a8_worker(rank, world_size):
     from vllm_ascend_ext.config import FlashComm2Config
     from vllm_ascend_ext.distributed.parallel_state import init_flashcomm2_groups
     from vllm_ascend_ext.ops.adaptive_oproj import small_side_route
-    from vllm_ascend_ext.tiny_models.w8a8 import quantize_per_channel
+    from vllm_ascend_ext.tools.tiny_models.w8a8 import quantize_per_channel
 
     init_flashcomm2_groups(FlashComm2Config(1, False, 1), dp_lockstep=False)
     from test_int8_all_to_all import H as QH

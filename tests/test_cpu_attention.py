@@ -6,7 +6,7 @@ import pytest
 
 from vllm_ascend_ext import cpu_attention
 from vllm_ascend_ext.cpu_attention import AMX_MLA, CPU_MLA, cpu_attention_backend, mla_backend
-from vllm_ascend_ext.local_server import VllmServer
+from vllm_ascend_ext.tools.local_server import VllmServer
 
 
 @pytest.mark.parametrize("dtype,amx,want", [

@@ -1,18 +1,29 @@
-"""The package's modules import each other without cycles.
+"""The package's modules import each other without cycles, and a worker
+never imports the tooling.
 
 Walks the source (module-level and function-local imports alike, without
 importing anything), so a cycle hidden behind a function-local import counts.
+The worker/tooling boundary is checked twice: on that graph (everything a
+worker could ever reach), and by loading the plugin in a fresh interpreter
+the way a vLLM worker does.
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "vllm_ascend_ext"
 
 KNOWN_CYCLES: list[list[str]] = []
+
+#: Everything a vLLM worker never needs: the multi-node fixture, tiny models,
+#: the local server, the demo, the CLI and planner, the image build gate.
+TOOLING = f"{PACKAGE}.tools"
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
@@ -106,3 +117,68 @@ def test_one_torch_library_fragment():
                     and node.func.attr == "Library"):
                 calls.append(mod)
     assert calls == ["vllm_ascend_ext.custom_ops"]
+
+
+def _worker_roots() -> list[str]:
+    """What a worker imports: the ``vllm.general_plugins`` entry point's module,
+    then each model class module vLLM resolves from the registered names."""
+    from importlib.metadata import entry_points
+
+    from vllm_ascend_ext.models import MODEL_CLASSES
+
+    (ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == PACKAGE]
+    assert ep.value == f"{PACKAGE}:register"
+    return [ep.module, *sorted({target.split(":")[0] for target in MODEL_CLASSES.values()})]
+
+
+def reachable(graph: dict[str, set[str]], roots: list[str]) -> set[str]:
+    """Modules ``roots`` import, directly or not (a package counts its ``__init__``
+    and every parent package, as Python imports them first)."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        parts = mod.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        todo += graph.get(mod, ())
+    return seen
+
+
+def test_reachable_sees_parent_packages_and_transitive_imports():
+    graph = {"p": set(), "p.a": {"p.b"}, "p.b": {"q"}, "q": set(), "p.c": set()}
+    assert reachable(graph, ["p.a"]) == {"p", "p.a", "p.b", "q"}
+
+
+def test_worker_import_graph_reaches_no_tooling():
+    graph = import_graph()
+    assert any(m.startswith(TOOLING + ".") for m in graph)  # the tooling exists
+    worker = reachable(graph, _worker_roots())
+    assert f"{PACKAGE}.models.flashcomm2_install" in worker  # the walk goes deep
+    assert sorted(m for m in worker if m == TOOLING or m.startswith(TOOLING + ".")) == []
+
+
+_LOAD_LIKE_A_WORKER = """
+import importlib, json, sys
+from importlib.metadata import entry_points
+(ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "vllm_ascend_ext"]
+ep.load()()
+from vllm_ascend_ext.models import MODEL_CLASSES
+for target in MODEL_CLASSES.values():
+    module, cls = target.split(":")
+    getattr(importlib.import_module(module), cls)
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("vllm_ascend_ext"))))
+"""
+
+
+def test_loading_the_plugin_like_a_worker_imports_no_tooling():
+    """A fresh interpreter runs the entry point's register() and imports every
+    registered model class, as a vLLM worker does; no tooling module loads."""
+    out = subprocess.run([sys.executable, "-c", _LOAD_LIKE_A_WORKER], capture_output=True,
+                         text=True, timeout=300, cwd=PACKAGE_ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert f"{PACKAGE}.models.flashcomm2_install" in loaded
+    assert [m for m in loaded if m == TOOLING or m.startswith(TOOLING + ".")] == []

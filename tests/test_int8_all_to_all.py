@@ -65,7 +65,7 @@ def _w8a8_layer(activations, int8_a2a, plain_route, w_q, w_s, in_scale, *,
 
     from vllm_ascend_ext.ops.cpu_int8 import keep_int8_weight_plain
     from vllm_ascend_ext.ops.flashcomm2_oproj import FlashComm2RowParallelLinear
-    from vllm_ascend_ext.tiny_models.w8a8 import quantization_config
+    from vllm_ascend_ext.tools.tiny_models.w8a8 import quantization_config
 
     qcfg = quantization_config("Qwen3ForCausalLM", activations)
     qcfg["config_groups"]["group_0"]["input_activations"]["symmetric"] = symmetric
@@ -101,7 +101,7 @@ def _int8_worker(rank, world_size, k):
     import vllm_ascend_ext.ops.flashcomm2_oproj as op_mod
     from vllm_ascend_ext.config import FlashComm2Config
     from vllm_ascend_ext.distributed.parallel_state import init_flashcomm2_groups
-    from vllm_ascend_ext.tiny_models.w8a8 import quantize_per_channel
+    from vllm_ascend_ext.tools.tiny_models.w8a8 import quantize_per_channel
 
     init_flashcomm2_groups(FlashComm2Config(k, False, 1), dp_lockstep=False)
     g = torch.Generator().manual_seed(1)

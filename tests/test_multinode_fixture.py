@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from vllm_ascend_ext.multinode.netns import (
+from vllm_ascend_ext.tools.multinode.netns import (
     TwoHosts,
     list_namespaces,
     missing_requirements,
@@ -113,7 +113,7 @@ def test_each_host_has_its_own_dev_shm():
 
 _CREATOR = """
 import sys, time
-from vllm_ascend_ext.multinode.netns import TwoHosts
+from vllm_ascend_ext.tools.multinode.netns import TwoHosts
 pair = TwoHosts()
 import subprocess
 subprocess.Popen(pair.worker.command([sys.executable, '-c', 'import time; time.sleep(300)']),
@@ -171,7 +171,7 @@ def test_a_killed_creators_leftovers_are_removed_by_the_next_fixture():
 
 
 def test_a_failed_start_leaves_nothing_behind(tmp_path):
-    from vllm_ascend_ext.multinode.serve import TwoHostServer, TwoHostStartError
+    from vllm_ascend_ext.tools.multinode.serve import TwoHostServer, TwoHostStartError
 
     with TwoHosts() as pair:
         server = TwoHostServer(pair, str(tmp_path / "no-such-model"), startup_timeout=240)

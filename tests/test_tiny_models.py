@@ -7,8 +7,8 @@ import json
 import pytest
 from safetensors import safe_open
 
-from vllm_ascend_ext.tiny_models import ARCHITECTURES, make_tiny_checkpoint
-from vllm_ascend_ext.tiny_models.factory import (
+from vllm_ascend_ext.tools.tiny_models import ARCHITECTURES, make_tiny_checkpoint
+from vllm_ascend_ext.tools.tiny_models.factory import (
     RECIPE_VERSION,
     TRAINED_RECIPE_VERSION,
     resolve_architecture,
@@ -72,7 +72,7 @@ def _greedy_misses(path, prompt_len: int = 8) -> tuple[list, int]:
     import transformers
     from tokenizers import Tokenizer
 
-    from vllm_ascend_ext.tiny_models.corpus import corpus_lines
+    from vllm_ascend_ext.tools.tiny_models.corpus import corpus_lines
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch.float32).eval()
@@ -92,8 +92,8 @@ def _greedy_misses(path, prompt_len: int = 8) -> tuple[list, int]:
 def test_every_checkpoint_speaks_corpus_text(arch, tiny_model):
     """The suite's and the demo's checkpoints are trained on the corpus: each
     continues every corpus line with the rest of that line."""
-    from vllm_ascend_ext.tiny_models.factory import training_summary
-    from vllm_ascend_ext.tiny_models.train import TRAIN_STEPS
+    from vllm_ascend_ext.tools.tiny_models.factory import training_summary
+    from vllm_ascend_ext.tools.tiny_models.train import TRAIN_STEPS
 
     path = tiny_model(arch)
     info = training_summary(path)
@@ -104,7 +104,7 @@ def test_every_checkpoint_speaks_corpus_text(arch, tiny_model):
 
 def test_a_random_checkpoint_does_not_speak(tmp_path):
     """The check above can fail: the random recipe reproduces no corpus line."""
-    from vllm_ascend_ext.tiny_models.factory import training_summary
+    from vllm_ascend_ext.tools.tiny_models.factory import training_summary
 
     random = make_tiny_checkpoint("qwen3", tmp_path / "random", train=False)
     assert training_summary(random) is None
@@ -142,7 +142,7 @@ def test_unknown_architecture_is_a_clear_error():
 def test_w8a8_checkpoint_is_compressed_tensors_int8(arch, quantized, tiny_model):
     import torch
 
-    from vllm_ascend_ext.tiny_models.w8a8 import tiny_w8a8_checkpoint
+    from vllm_ascend_ext.tools.tiny_models.w8a8 import tiny_w8a8_checkpoint
 
     src, path = tiny_model(arch), tiny_w8a8_checkpoint(arch)
     qcfg = json.loads((path / "config.json").read_text())["quantization_config"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from vllm_ascend_ext.multinode.serve import TwoHostServer, host_cpu_bind
+from vllm_ascend_ext.tools.multinode.serve import TwoHostServer, host_cpu_bind
 
 
 def _cores(bind: str) -> set[int]:

@@ -16,7 +16,7 @@ def tiny_config_dir(arch: str, out: Path) -> Path:
     tests load their own o_proj tensors). DeepSeek is made dense: vllm-ascend's
     MoE layers put tensors on the NPU while they are built (``.npu()`` in
     ``ops/fused_moe/routed_experts.py``), and the contracts concern attention."""
-    from vllm_ascend_ext.tiny_models.factory import build_config, write_model_config
+    from vllm_ascend_ext.tools.tiny_models.factory import build_config, write_model_config
 
     config = build_config(arch)
     if hasattr(config, "first_k_dense_replace"):

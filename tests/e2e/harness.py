@@ -32,7 +32,7 @@ PROMPT_LOGPROB_ATOL = 2e-4
 
 
 def base_env(world_size: int) -> dict[str, str]:
-    from vllm_ascend_ext.local_server import cpu_env
+    from vllm_ascend_ext.tools.local_server import cpu_env
 
     env = cpu_env(world_size)  # the same CPU env `make demo` and the server tests use
     env.update({
@@ -301,7 +301,7 @@ class EngineCache:
         skip_without_cpu_mla(arch)
         if key not in self._runs:
             if w8a8:
-                from vllm_ascend_ext.tiny_models.w8a8 import tiny_w8a8_checkpoint
+                from vllm_ascend_ext.tools.tiny_models.w8a8 import tiny_w8a8_checkpoint
 
                 model = tiny_w8a8_checkpoint(arch, activations=w8a8)
             else:

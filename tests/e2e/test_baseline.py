@@ -14,7 +14,7 @@ from tests.e2e.harness import (
     make_prompts,
     skip_without_cpu_mla,
 )
-from vllm_ascend_ext.tiny_models import ARCHITECTURES
+from vllm_ascend_ext.tools.tiny_models import ARCHITECTURES
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from tests.e2e.harness import (
     assert_prompt_logprobs_close,
 )
 from tests.e2e.harness import flashcomm2_flags as flags
-from vllm_ascend_ext.tiny_models import ARCHITECTURES
+from vllm_ascend_ext.tools.tiny_models import ARCHITECTURES
 
 
 def _o_proj_classes(result) -> set[str]:

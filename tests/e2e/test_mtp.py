@@ -1,7 +1,7 @@
 """DeepSeek MTP speculative decoding with FlashComm2 + o_shared, end to end.
 
 The tiny DeepSeek-V3's MTP layer is fitted to the target's own greedy
-continuations of ``fit_prompts`` (``vllm_ascend_ext/tiny_models/mtp.py``), so on
+continuations of ``fit_prompts`` (``vllm_ascend_ext/tools/tiny_models/mtp.py``), so on
 those prompts vLLM accepts most drafts, and the acceptance counters depend on
 the draft's arithmetic and on the target's hidden states it reads. A random
 MTP layer is accepted 0 times, which would make "equal counters" say nothing.
@@ -25,7 +25,7 @@ from tests.e2e.harness import (
     run_vllm,
     skip_without_cpu_mla,
 )
-from vllm_ascend_ext.tiny_models.mtp import CONTINUATION_TOKENS, fit_prompts
+from vllm_ascend_ext.tools.tiny_models.mtp import CONTINUATION_TOKENS, fit_prompts
 
 ARCH = "DeepseekV3ForCausalLM"
 NUM_PROMPTS = 4
@@ -150,7 +150,7 @@ def test_serve_mtp_with_oshared_flags(tiny_model, mtp_runs):
     served answers are plain TP's, and the server's own counters show the
     draft accepted."""
     from tests.e2e.harness import served_completion
-    from vllm_ascend_ext.local_server import VllmServer, process_group_alive
+    from vllm_ascend_ext.tools.local_server import VllmServer, process_group_alive
 
     model = tiny_model(ARCH)
     server = VllmServer(model=str(model), tp=2, env=OSHARED, speculative_config=mtp_config(1),

@@ -16,7 +16,7 @@ from tests.e2e.harness import (
     served_completion,
     skip_without_cpu_mla,
 )
-from vllm_ascend_ext.local_server import VllmServer, process_group_alive
+from vllm_ascend_ext.tools.local_server import VllmServer, process_group_alive
 
 OSHARED_FLAGS = flashcomm2_flags(1, oshared=True)
 PROMPTS = [

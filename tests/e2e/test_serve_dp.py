@@ -36,7 +36,7 @@ from tests.e2e.harness import (
     make_prompts,
     served_completion,
 )
-from vllm_ascend_ext.local_server import VllmServer, process_group_alive
+from vllm_ascend_ext.tools.local_server import VllmServer, process_group_alive
 
 MOE_ARCH = "DeepseekV3ForCausalLM"
 DENSE_ARCH = "Qwen3ForCausalLM"

@@ -1,7 +1,7 @@
 """FlashComm2 + o_shared across two hosts, with vLLM's own multi-node launch.
 
 Two network namespaces joined by a veth pair, each with a private /dev/shm,
-stand in for two machines (``vllm_ascend_ext/multinode``).  vLLM sees two
+stand in for two machines (``vllm_ascend_ext/tools/multinode``).  vLLM sees two
 nodes: its shared-memory TP communicator is disabled and every collective --
 plain TP's all-reduce, FlashComm2's all-to-all, o_shared's broadcasts --
 crosses the link on gloo.
@@ -38,13 +38,13 @@ from tests.e2e.harness import (
     served_completion,
     skip_without_cpu_mla,
 )
-from vllm_ascend_ext.multinode.netns import (
+from vllm_ascend_ext.tools.multinode.netns import (
     TwoHosts,
     list_namespaces,
     missing_requirements,
     shm_files,
 )
-from vllm_ascend_ext.multinode.serve import TwoHostServer
+from vllm_ascend_ext.tools.multinode.serve import TwoHostServer
 
 _missing = missing_requirements()
 pytestmark = pytest.mark.skipif(

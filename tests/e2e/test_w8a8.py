@@ -3,7 +3,7 @@
 The checkpoints are compressed-tensors W8A8 (int8 per-channel weights; int8
 activations, dynamic per token or static per tensor) written from the fp32
 tiny models
-(``vllm_ascend_ext/tiny_models/w8a8.py``); vLLM runs them through
+(``vllm_ascend_ext/tools/tiny_models/w8a8.py``); vLLM runs them through
 ``CompressedTensorsLinearMethod`` and its CPU int8 kernel, in bf16, at TP2.
 
 vLLM CPU's int8 kernel splits by CPU kind: with AMX the weight is a plain

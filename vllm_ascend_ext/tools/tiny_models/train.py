@@ -39,7 +39,7 @@ def corpus_windows(tokenizer_json: str, window: int = TRAIN_WINDOW) -> list[list
     """One window of ``window`` token ids per corpus line, starting at it."""
     from tokenizers import Tokenizer
 
-    from vllm_ascend_ext.tiny_models.corpus import corpus_lines
+    from vllm_ascend_ext.tools.tiny_models.corpus import corpus_lines
 
     tok = Tokenizer.from_file(tokenizer_json)
     newline = tok.encode("\n").ids

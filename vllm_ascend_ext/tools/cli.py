@@ -7,7 +7,7 @@ import sys
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from vllm_ascend_ext.tiny_models.factory import SPECS, make_tiny_checkpoint
+    from vllm_ascend_ext.tools.tiny_models.factory import SPECS, make_tiny_checkpoint
 
     if args.all:
         from pathlib import Path
@@ -27,7 +27,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vllm_ascend_ext.tiny_models.factory import NUM_HIDDEN_LAYERS, SHORT_NAMES
+    from vllm_ascend_ext.tools.tiny_models.factory import NUM_HIDDEN_LAYERS, SHORT_NAMES
 
     ap = argparse.ArgumentParser(prog="vllm-ascend-ext")
     sub = ap.add_subparsers(dest="command", required=True)

@@ -85,7 +85,7 @@ def calibrate_input_scales(src: Path, arch: str) -> dict:
     import transformers
     from tokenizers import Tokenizer
 
-    from vllm_ascend_ext.tiny_models.corpus import corpus_text
+    from vllm_ascend_ext.tools.tiny_models.corpus import corpus_text
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(src), dtype=torch.float32).eval()
@@ -145,7 +145,7 @@ def make_w8a8_checkpoint(src: str | Path, out: str | Path, *, activations: str =
 def tiny_w8a8_checkpoint(arch: str, root: str | Path | None = None, *,
                          activations: str = "dynamic") -> Path:
     """Path of the cached W8A8 tiny checkpoint for ``arch``, built on first use."""
-    from vllm_ascend_ext.tiny_models.factory import (
+    from vllm_ascend_ext.tools.tiny_models.factory import (
         default_cache_root,
         resolve_architecture,
         tiny_checkpoint,

@@ -1,6 +1,6 @@
 """Try vLLM's multi-node launch on one machine (root, iproute2).
 
-    python -m vllm_ascend_ext.multinode MODEL [--tp 2] [--layout tp|dp]
+    python -m vllm_ascend_ext.tools.multinode MODEL [--tp 2] [--layout tp|dp]
         [--link-rate 400mbit] [--env K=V ...] [--head-env K=V ...]
         [--worker-env K=V ...] [--head-arg ARG ...] [--worker-arg ARG ...]
 
@@ -29,10 +29,10 @@ def _pairs(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vllm_ascend_ext.multinode.netns import TwoHosts
-    from vllm_ascend_ext.multinode.serve import TwoHostServer
+    from vllm_ascend_ext.tools.multinode.netns import TwoHosts
+    from vllm_ascend_ext.tools.multinode.serve import TwoHostServer
 
-    p = argparse.ArgumentParser(prog="python -m vllm_ascend_ext.multinode",
+    p = argparse.ArgumentParser(prog="python -m vllm_ascend_ext.tools.multinode",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("model")
     p.add_argument("--tp", type=int, default=2)

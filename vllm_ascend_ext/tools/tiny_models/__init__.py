@@ -1,6 +1,6 @@
 """Tiny real checkpoints (transformers classes + a locally trained tokenizer)."""
 
-from vllm_ascend_ext.tiny_models.factory import (
+from vllm_ascend_ext.tools.tiny_models.factory import (
     ARCHITECTURES,
     make_tiny_checkpoint,
     resolve_architecture,

@@ -24,15 +24,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_ascend_ext.local_server import (
+from vllm_ascend_ext.tools.local_server import (
     cpu_env,
     engine_args,
     stop_process_group,
     vllm_cli,
     wait_healthy,
 )
-from vllm_ascend_ext.multinode.netns import Host, TwoHosts
-from vllm_ascend_ext.multinode.relay import LoopbackRelay
+from vllm_ascend_ext.tools.multinode.netns import Host, TwoHosts
+from vllm_ascend_ext.tools.multinode.relay import LoopbackRelay
 
 __all__ = ["HostProcess", "TwoHostServer", "TwoHostStartError", "host_cpu_bind"]
 

@@ -5,7 +5,7 @@ Builds (or reuses) the tiny checkpoint, starts the real ``vllm`` CLI on
 completion over HTTP, prints the reply and what the plugin reported it
 actually ran with, and shuts the server down.
 
-    python -m vllm_ascend_ext.demo [--flags-off] [--arch deepseek_v3] [--dtype bfloat16]
+    python -m vllm_ascend_ext.tools.demo [--flags-off] [--arch deepseek_v3] [--dtype bfloat16]
 
 fp32 (the default) runs DeepSeek on vLLM's reference ``CPU_MLA`` backend on
 any CPU; ``--dtype bfloat16`` takes ``AMX_MLA``, the fast path, where the CPU
@@ -40,7 +40,7 @@ def describe_model(path: str) -> str:
     read for what it is."""
     from pathlib import Path
 
-    from vllm_ascend_ext.tiny_models.factory import training_summary
+    from vllm_ascend_ext.tools.tiny_models.factory import training_summary
 
     arch = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
     name = _ARCH_NAMES.get(arch, arch)
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = ap.parse_args(argv)
 
-    from vllm_ascend_ext.local_server import VllmServer
-    from vllm_ascend_ext.tiny_models import tiny_checkpoint
+    from vllm_ascend_ext.tools.local_server import VllmServer
+    from vllm_ascend_ext.tools.tiny_models import tiny_checkpoint
 
     model = str(tiny_checkpoint(args.arch))
     env = {} if args.flags_off else dict(DEMO_FLAGS)

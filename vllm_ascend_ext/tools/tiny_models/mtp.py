@@ -38,7 +38,7 @@ def fit_prompts(tokenizer_json: str) -> list[list[int]]:
     """The prompts the MTP layer is fitted on (and the MTP tests use)."""
     from tokenizers import Tokenizer
 
-    from vllm_ascend_ext.tiny_models.corpus import corpus_text
+    from vllm_ascend_ext.tools.tiny_models.corpus import corpus_text
 
     tok = Tokenizer.from_file(tokenizer_json)
     lines = [ln for ln in corpus_text().splitlines() if ln.strip()]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from vllm_ascend_ext.tiny_models.corpus import corpus_text
+from vllm_ascend_ext.tools.tiny_models.corpus import corpus_text
 
 ARCHITECTURES = (
     "DeepseekV2ForCausalLM",
@@ -108,7 +108,7 @@ def _deepseek_mtp_tensors(state: dict, config: Any, model: Any, out_dir: Path) -
     projections are fitted to the target's own greedy continuations
     (``tiny_models/mtp.py``), so that speculative decoding accepts most drafts.
     """
-    from vllm_ascend_ext.tiny_models.mtp import fit_mtp_layer, fit_prompts
+    from vllm_ascend_ext.tools.tiny_models.mtp import fit_mtp_layer, fit_prompts
 
     prompts = fit_prompts(str(out_dir / "tokenizer.json"))
     state.update(fit_mtp_layer(model, config.num_hidden_layers, prompts))
@@ -220,7 +220,7 @@ def make_tiny_checkpoint(arch: str, out_dir: str | os.PathLike, *,
     import transformers
     from safetensors.torch import load_file, save_file
 
-    from vllm_ascend_ext.tiny_models import train as training
+    from vllm_ascend_ext.tools.tiny_models import train as training
 
     arch = resolve_architecture(arch)
     out = Path(out_dir)
