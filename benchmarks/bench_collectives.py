@@ -102,7 +102,10 @@ def _rank_main(args) -> None:
     # What vLLM's CPU worker sets before building groups (read if _C is loaded).
     os.environ["VLLM_DIST_IDENT"] = f"bench-collectives-{args.master_port}"
     if args.cpu_shm:
-        import vllm._C  # noqa: F401  (registers the shared-memory kernels)
+        from vllm.platforms import current_platform
+
+        # The kernel build this CPU runs (AVX2, AVX-512), as vLLM's worker loads it.
+        current_platform.import_kernels()
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import parallel_state as ps
 
