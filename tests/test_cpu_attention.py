@@ -8,6 +8,9 @@ from vllm_ascend_ext import cpu_attention
 from vllm_ascend_ext.cpu_attention import AMX_MLA, CPU_MLA, cpu_attention_backend, mla_backend
 from vllm_ascend_ext.tools.local_server import VllmServer
 
+# Touches no vLLM class: runs once, on the newest CPU-tested vLLM (Makefile).
+pytestmark = pytest.mark.vllm_independent
+
 
 @pytest.mark.parametrize("dtype,amx,want", [
     ("float32", True, CPU_MLA),     # AMX_MLA packs bf16/fp16/int8 only

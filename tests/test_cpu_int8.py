@@ -14,6 +14,9 @@ from torch import nn
 from vllm_ascend_ext.ops import cpu_int8
 from vllm_ascend_ext.ops.shared_weight.errors import SharedWeightError
 
+# Touches no vLLM class: runs once, on the newest CPU-tested vLLM (Makefile).
+pytestmark = pytest.mark.vllm_independent
+
 PARAM_NAMES = ("weight", "weight_scale", "input_scale", "input_zero_point", "azp_adj")
 
 

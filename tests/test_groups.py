@@ -25,6 +25,9 @@ from vllm_ascend_ext.distributed.parallel_state import (
     vllm_tp_group_ranks,
 )
 
+# Touches no vLLM class: runs once, on the newest CPU-tested vLLM (Makefile).
+pytestmark = pytest.mark.vllm_independent
+
 # world, tp, dp, pp, k -> expected tp / otp / odp (o_shared == odp always)
 LAYOUTS = [
     ("TP8-k2", (8, 8, 1, 1, 2),

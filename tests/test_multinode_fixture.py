@@ -22,8 +22,11 @@ from vllm_ascend_ext.tools.multinode.netns import (
 )
 
 _missing = missing_requirements(shaped=True)
-pytestmark = pytest.mark.skipif(
-    bool(_missing), reason="two emulated hosts need " + ", ".join(_missing))
+pytestmark = [
+    pytest.mark.skipif(bool(_missing), reason="two emulated hosts need " + ", ".join(_missing)),
+    # Touches no vLLM class: runs once, on the newest CPU-tested vLLM (Makefile).
+    pytest.mark.vllm_independent,
+]
 
 PY = sys.executable
 

@@ -89,8 +89,9 @@ DIFFERING = {
 @pytest.fixture(scope="module")
 def verdicts():
     names = list(CASES)
+    # Fresh worlds: the agreement leaves its keys in the world's store.
     per_rank = run_distributed(_agree_with_env, 2, [CASES[n] for n in names], 20.0,
-                               init_vllm=False)
+                               init_vllm=False, fresh=True)
     return {n: (per_rank[0][i], per_rank[1][i]) for i, n in enumerate(names)}
 
 
@@ -127,7 +128,8 @@ def test_a_rank_that_cannot_parse_its_flags_is_named_on_every_rank(verdicts):
 
 
 def test_a_rank_that_never_reports_times_out_with_a_bounded_wait():
-    out = run_distributed(_publish_nothing_on_rank, 2, 1, 3.0, init_vllm=False, timeout=240)
+    out = run_distributed(_publish_nothing_on_rank, 2, 1, 3.0, init_vllm=False, timeout=240,
+                          fresh=True)
     assert out[1] == ("skipped",)
     # It raised rather than hung (run_distributed's timeout guards the wait);
     # how long it took is not asserted: a loaded machine stretches it.

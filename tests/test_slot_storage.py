@@ -20,6 +20,9 @@ from vllm_ascend_ext.ops.slot_storage import (
     slot_format_for,
 )
 
+# Touches no vLLM class: runs once, on the newest CPU-tested vLLM (Makefile).
+pytestmark = pytest.mark.vllm_independent
+
 
 def _state():
     w = torch.arange(8 * 16, dtype=torch.float32).view(8, 16).t()  # transposed view

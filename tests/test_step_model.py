@@ -22,6 +22,9 @@ from vllm_ascend_ext.tools.planner.step_model import (
     workload_steps,
 )
 
+# Touches no vLLM class: runs once, on the newest CPU-tested vLLM (Makefile).
+pytestmark = pytest.mark.vllm_independent
+
 SHAPE = ModelShape("small", "Qwen3ForCausalLM", 8, 1024, 16, 128)  # a = 2048
 LINK = LinkModel(rate_bytes_per_s=25e6, latency_s=0.0)
 # The benchmark's ``small`` preset: 8 heads x head_dim 32, so a = h / 4 and

@@ -14,6 +14,9 @@ from vllm_ascend_ext.tools.tiny_models.factory import (
     resolve_architecture,
 )
 
+# Touches no vLLM class: runs once, on the newest CPU-tested vLLM (Makefile).
+pytestmark = pytest.mark.vllm_independent
+
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_shapes_fit_the_parallel_layouts(arch, tiny_model):

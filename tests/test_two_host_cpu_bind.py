@@ -9,6 +9,9 @@ import pytest
 
 from vllm_ascend_ext.tools.multinode.serve import TwoHostServer, host_cpu_bind
 
+# Touches no vLLM class: runs once, on the newest CPU-tested vLLM (Makefile).
+pytestmark = pytest.mark.vllm_independent
+
 
 def _cores(bind: str) -> set[int]:
     out = set()

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# Touches no vLLM class: runs once, on the newest CPU-tested vLLM (Makefile).
+pytestmark = pytest.mark.vllm_independent
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 

@@ -39,10 +39,11 @@ def cpu_has_amx() -> bool:
 
         return bool(torch.cpu._is_amx_tile_supported())
     except (ImportError, AttributeError):
-        return AMX_FEATURE in _cpuinfo_flags()
+        return AMX_FEATURE in cpuinfo_flags()
 
 
-def _cpuinfo_flags() -> set[str]:
+def cpuinfo_flags() -> set[str]:
+    """The CPU's feature flags as the kernel lists them (empty off Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
