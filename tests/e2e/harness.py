@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.e2e.engine_driver import FEATURE_ENV, PER_ENGINE_ENV
+from tests.suite_hygiene import COUNTS
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,18 +46,11 @@ def base_env(world_size: int) -> dict[str, str]:
         # The engine core runs in the test's child process itself: one
         # process (and one vLLM import) fewer per engine.
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        # Workers whose results are in do not get vLLM's 5 s grace before the
+        # SIGTERM that ends them cleanly (their shutdown handler runs).
+        "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS": "1",
     })
     return env
-
-
-# Env flags that must never leak from the caller into a "flags off" run.
-_FEATURE_ENV = (
-    "VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE",
-    "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED",
-    "VLLM_ASCEND_FLASHCOMM2_OSHARED_PREFETCH_STEP",
-    "VLLM_ASCEND_FLASHCOMM2_INT8_ALL_TO_ALL",
-    "VLLM_ASCEND_FLASHCOMM2_ADAPTIVE_TOKENS",
-)
 
 
 @dataclass
@@ -78,13 +76,122 @@ def with_plugin(env: dict[str, str] | None, folder: Path) -> dict[str, str]:
     return env
 
 
+class EngineDriver:
+    """One ``engine_driver.py`` process: it imports vLLM once and runs the
+    engines it is sent one after another, each with fresh workers."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.engines = 0
+        self._dir = tempfile.TemporaryDirectory(prefix="vllm-ascend-ext-driver-")
+        read_fd, write_fd = os.pipe()
+        self._own_log = open(Path(self._dir.name) / "driver.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "engine_driver.py"), str(write_fd)], env=env,
+            stdin=subprocess.PIPE, stdout=self._own_log, stderr=subprocess.STDOUT,
+            pass_fds=(write_fd,), start_new_session=True, text=True,
+        )
+        os.close(write_fd)  # the driver holds the write end; EOF here if it dies
+        self._replies = os.fdopen(read_fd, "r")
+
+    def run(self, spec: dict, timeout: float) -> tuple[dict | None, str, str | None]:
+        """(results or None, the engine's log, the driver's error if any)."""
+        self.engines += 1
+        folder = Path(self._dir.name) / f"engine-{self.engines}"
+        folder.mkdir()
+        request = {"spec": str(folder / "spec.json"), "out": str(folder / "out.json"),
+                   "log": str(folder / "engine.log"),
+                   "env": {k: v for k, v in self.env.items()}}
+        Path(request["spec"]).write_text(json.dumps(spec))
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self._replies], [], [], timeout)
+        reply_line = self._replies.readline() if ready else ""
+        log_path = Path(request["log"])
+        log = log_path.read_text(errors="replace") if log_path.exists() else ""
+        if not reply_line:
+            why = (f"no reply within {timeout:.0f} s" if not ready else
+                   f"the driver exited (rc={self.proc.poll()})")
+            self.close(kill=True)
+            return None, log, why
+        reply = json.loads(reply_line)
+        if not reply["ok"]:
+            self.close(kill=True)
+            return None, log, reply["error"]
+        return json.loads(Path(request["out"]).read_text()), log, None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self, kill: bool = False) -> None:
+        if self.proc.poll() is None:
+            if not kill:
+                self.proc.stdin.close()
+                try:
+                    self.proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    kill = True
+            if kill:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        self._replies.close()
+        self._own_log.close()
+        self._dir.cleanup()
+
+
+class DriverPool:
+    """The engine drivers of one pytest process: the live driver is reused
+    for every engine whose environment differs from its own only in
+    ``PER_ENGINE_ENV``; any other difference (a test-only plugin on
+    PYTHONPATH, for one) gets a new driver, and the old one is closed, so at
+    most one driver holds vLLM in memory at a time."""
+
+    def __init__(self):
+        self.driver: EngineDriver | None = None
+
+    @staticmethod
+    def _key(env: dict[str, str]) -> tuple:
+        return tuple(sorted((k, v) for k, v in env.items() if k not in PER_ENGINE_ENV))
+
+    def run(self, spec: dict, env: dict[str, str], timeout: float):
+        if self.driver is not None and (not self.driver.alive()
+                                        or self._key(self.driver.env) != self._key(env)):
+            self.close()
+        if self.driver is None:
+            self.driver = EngineDriver(env)
+            COUNTS.engine_drivers += 1
+        self.driver.env = env
+        COUNTS.engines += 1
+        data, log, error = self.driver.run(spec, timeout)
+        if error is not None:
+            self.driver = None  # it closed itself
+        return data, log, error
+
+    def close(self) -> None:
+        if self.driver is not None:
+            self.driver.close()
+            self.driver = None
+
+
+DRIVERS = DriverPool()
+
+
 def run_vllm(model: str | Path, prompts: list[list[int]], *, tp: int = 1, pp: int = 1,
              env: dict[str, str] | None = None, max_tokens: int = 8, num_logprobs: int = 5,
              enforce_eager: bool = True, dtype: str = "float32", pretend_amx: bool | None = None,
              llm_kwargs: dict | None = None, spec_decode_metrics: bool = False,
              draft_backend_unstated: bool = False,
-             collective_rpc: list[str] | None = None, timeout: int = 600) -> EngineResult:
-    """Run one offline engine in a fresh process; return its logprobs.
+             collective_rpc: list[str] | None = None, timeout: int = 600,
+             fresh_process: bool = False) -> EngineResult:
+    """Run one offline engine; return its logprobs.
+
+    The engine runs in this session's engine driver (``DRIVERS``), with fresh
+    workers of its own; ``fresh_process`` runs it in a new process instead,
+    as every engine once did (the reference that shows a driver leaks
+    nothing from one engine into the next).
 
     ``pretend_amx`` makes vLLM believe the CPU has AMX tiles (True) or has
     none (False), in the engine and in every worker: the AMX machine's backend
@@ -102,29 +209,16 @@ def run_vllm(model: str | Path, prompts: list[list[int]], *, tp: int = 1, pp: in
         "spec_decode_metrics": spec_decode_metrics,
         "draft_backend_unstated": draft_backend_unstated,
         "collective_rpc": collective_rpc or [],
-        "env": {},
     }
-    proc_env = {k: v for k, v in os.environ.items() if k not in _FEATURE_ENV}
-    proc_env.update(base_env(world))
-    proc_env.update(env or {})
-    if pretend_amx is not None:
-        proc_env.update(with_plugin(proc_env, PRETEND_AMX_PLUGIN))
-        proc_env["VLLM_ASCEND_EXT_TEST_AMX"] = "1" if pretend_amx else "0"
-    with tempfile.TemporaryDirectory() as td:
-        spec_path, out_path = Path(td) / "spec.json", Path(td) / "out.json"
-        spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run(
-            [sys.executable, str(HERE / "run_vllm.py"), str(spec_path), str(out_path)],
-            env=proc_env, capture_output=True, text=True, timeout=timeout,
-        )
-        log = proc.stdout + proc.stderr
-        if proc.returncode != 0 or not out_path.exists():
-            raise RuntimeError(
-                f"vLLM run failed (rc={proc.returncode}, tp={tp}, pp={pp}, dtype={dtype}, "
-                f"env={env}):\n"
-                + root_cause(log)
-            )
-        data = json.loads(out_path.read_text())
+    proc_env = engine_env(world, env, pretend_amx)
+    if fresh_process:
+        data, log, error = _run_in_fresh_process(spec, proc_env, timeout)
+    else:
+        data, log, error = DRIVERS.run(spec, proc_env, timeout)
+    if error is not None:
+        raise RuntimeError(
+            f"vLLM run failed (tp={tp}, pp={pp}, dtype={dtype}, env={env}): {error}\n"
+            + root_cause(log))
     import vllm_ascend_ext
 
     ours = Path(vllm_ascend_ext.__file__).resolve()
@@ -133,6 +227,42 @@ def run_vllm(model: str | Path, prompts: list[list[int]], *, tp: int = 1, pp: in
                            f"not from this checkout ({ours})")
     return EngineResult(outputs=data["outputs"], rpc=data.get("rpc", {}), log=log,
                         spec_decode=data.get("spec_decode"))
+
+
+def engine_env(world: int, env: dict[str, str] | None = None,
+               pretend_amx: bool | None = None) -> dict[str, str]:
+    """The environment one engine runs with: this process's, without any
+    FlashComm2 flag of its own, plus the CPU env for ``world`` ranks and the
+    engine's ``env``."""
+    # PYTEST_CURRENT_TEST names the test: no engine reads it, and it would
+    # give every test a driver of its own.
+    proc_env = {k: v for k, v in os.environ.items()
+                if k not in FEATURE_ENV and k != "PYTEST_CURRENT_TEST"}
+    proc_env.update(base_env(world))
+    proc_env.update(env or {})
+    # run_vllm.py sizes the KV cache in bytes; vLLM CPU lets this legacy
+    # setting (whole GiB) override that.
+    proc_env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    if pretend_amx is not None:
+        proc_env.update(with_plugin(proc_env, PRETEND_AMX_PLUGIN))
+        proc_env["VLLM_ASCEND_EXT_TEST_AMX"] = "1" if pretend_amx else "0"
+    return proc_env
+
+
+def _run_in_fresh_process(spec: dict, env: dict[str, str], timeout: float):
+    COUNTS.engines += 1
+    COUNTS.fresh_engine_processes += 1
+    with tempfile.TemporaryDirectory() as td:
+        spec_path, out_path = Path(td) / "spec.json", Path(td) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "run_vllm.py"), str(spec_path), str(out_path)],
+            env=env, capture_output=True, text=True, timeout=timeout,
+        )
+        log = proc.stdout + proc.stderr
+        if proc.returncode != 0 or not out_path.exists():
+            return None, log, f"rc={proc.returncode}"
+        return json.loads(out_path.read_text()), log, None
 
 
 def root_cause(log: str, limit: int = 8000) -> str:
@@ -311,6 +441,13 @@ class EngineCache:
                                        pretend_amx=pretend_amx,
                                        collective_rpc=[MEMORY_RPC])
         return self._runs[key]
+
+    def remember(self, arch: str, result: EngineResult, *, tp: int,
+                 env: dict | None = None) -> None:
+        """Keep a run made outside the cache (same prompts and RPCs as
+        ``run``, fp32, eager) for the tests that need its configuration."""
+        key = (arch, tp, 1, tuple(sorted((env or {}).items())), True, "float32", None, None)
+        self._runs.setdefault(key, result)
 
 
 # --- served completions -------------------------------------------------------

@@ -1,7 +1,8 @@
 """Run one vLLM offline engine configuration and dump logprobs as JSON.
 
-Each configuration runs in its own process (spawned by ``harness.run_vllm``),
-so plugin state, env flags and worker processes never leak between cases.
+``run_engine`` is what an engine driver (``engine_driver.py``) calls for each
+spec it is sent; run as a script, this file runs one spec in a process of its
+own (``harness.run_vllm(..., fresh_process=True)``):
 
     python run_vllm.py SPEC.json OUT.json
 """
@@ -9,7 +10,6 @@ so plugin state, env flags and worker processes never leak between cases.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 
@@ -32,9 +32,9 @@ def _spec_decode_counters(llm) -> dict:
     return counters
 
 
-def main(spec_path: str, out_path: str) -> None:
-    spec = json.loads(open(spec_path).read())
-    os.environ.update({k: str(v) for k, v in spec.get("env", {}).items()})
+def run_engine(spec: dict) -> dict:
+    """Build the engine ``spec`` describes, generate, run its RPCs, shut it
+    down (its workers exit before this returns) and return the results."""
     from vllm import LLM, SamplingParams
 
     llm_kwargs = dict(
@@ -45,8 +45,19 @@ def main(spec_path: str, out_path: str) -> None:
         enforce_eager=spec.get("enforce_eager", True),
         max_model_len=spec.get("max_model_len", 256),
         max_num_seqs=spec.get("max_num_seqs", 8),
+        # Every prompt set here fits one step (and the adaptive cases need
+        # their prefill in one); vLLM's default sizes the start-up profile
+        # and warm-up passes at thousands of tokens, seconds on 2 cores.
+        max_num_batched_tokens=spec.get("max_num_batched_tokens", 256),
+        # 8 sequences of at most 256 tokens need a few MiB of KV cache; the
+        # harness's CPU env (VLLM_CPU_KVCACHE_SPACE, whole GiB) would have each
+        # worker allocate and fault in 1 GiB.
+        kv_cache_memory_bytes=spec.get("kv_cache_memory_bytes", 64 << 20),
         seed=0,
-        distributed_executor_backend="mp" if spec.get("tp", 1) * spec.get("pp", 1) > 1 else None,
+        # Workers of their own even at TP=1: the model, the plugin's
+        # per-process state and vLLM's distributed state then live and die
+        # with this engine's workers, never in a driver that runs the next.
+        distributed_executor_backend="mp",
     )
     from vllm_ascend_ext.cpu_attention import cpu_attention_backend, draft_speculative_config
 
@@ -95,9 +106,15 @@ def main(spec_path: str, out_path: str) -> None:
             mod, fn = rpc.split(":")
             target = getattr(importlib.import_module(mod), fn)
         result.setdefault("rpc", {})[rpc] = llm.collective_rpc(target)
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    return result
+
+
+def main(spec_path: str, out_path: str) -> None:
+    result = run_engine(json.loads(open(spec_path).read()))
     with open(out_path, "w") as fh:
         json.dump(result, fh)
-    del llm
 
 
 if __name__ == "__main__":

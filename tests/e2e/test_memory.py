@@ -19,7 +19,8 @@ def _layer_bytes(model_dir) -> int:
     return a * cfg["hidden_size"] * 4  # fp32, full o_proj (k=1)
 
 
-@pytest.mark.parametrize("arch,step", [("DeepseekV3ForCausalLM", 1), ("Qwen3ForCausalLM", 2)])
+# The accuracy tests' o_shared engines (test_flashcomm2_accuracy.OSHARED_STEP).
+@pytest.mark.parametrize("arch,step", [("DeepseekV3ForCausalLM", 2), ("Qwen3ForCausalLM", 1)])
 def test_oshared_resident_bytes_are_owned_plus_ring(arch, step, engines, tiny_model):
     model_dir = tiny_model(arch)
     L = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]

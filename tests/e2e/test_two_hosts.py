@@ -30,7 +30,6 @@ import urllib.request
 import pytest
 
 from tests.e2e.harness import (
-    arch_params,
     assert_greedy_close,
     assert_prompt_logprobs_close,
     flashcomm2_flags,
@@ -167,7 +166,10 @@ def _serve_and_lose_worker(pair: TwoHosts, model: str, env: dict, label: str) ->
     return outs, logs, link
 
 
-@pytest.mark.parametrize("arch", arch_params(["Qwen3ForCausalLM", "DeepseekV3ForCausalLM"]))
+# On vLLM 0.32 only: the range leg checks the multi-node launch's pieces that
+# could differ between releases (serve, the settings agreement on gloo worlds)
+# without two more two-host starts.
+@pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", "DeepseekV3ForCausalLM"])
 def test_two_host_oshared_matches_plain_tp(arch, tiny_model, hosts, engines):
     """Qwen3: against plain TP served on the same two hosts (whose host loss
     is the baseline below). DeepSeek: against the suite's offline plain-TP2

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.cpu_features import cpu_has_int8_vnni
 from tests.e2e.harness import (
     MEMORY_RPC,
     assert_greedy_close,
@@ -118,6 +119,9 @@ def test_w8a8_flashcomm2_and_oshared_match_plain_tp(arch, activations, path, eng
     # The kernel's oneDNN route takes int8 input; on AMX it quantizes inside
     # its own matmul, so the all-to-all stays bf16 there.
     int8_route = path == FORCED_NO_AMX or not cpu_has_amx()
+    # Where vLLM's int8 GEMM is exact (AMX's VNNI-packed kernel, or oneDNN with
+    # int8 VNNI), o_shared's int8 layers give FlashComm2's numbers bit for bit.
+    int8_gemm_exact = cpu_has_amx() or cpu_has_int8_vnni()
     assert {r for w in fc2.rpc[MEMORY_RPC] for r in w["int8_all_to_all_routes"]} == \
         ({"cpu-onednn"} if int8_route else {"off"})
     bf16_wire = runs["FC2 k=1 bf16 all-to-all"]
@@ -140,9 +144,17 @@ def test_w8a8_flashcomm2_and_oshared_match_plain_tp(arch, activations, path, eng
         got = runs[name]
         assert {r for w in got.rpc[MEMORY_RPC] for r in w["int8_all_to_all_routes"]} == \
             ({"cpu-plain"} if int8_route else {"off"})
-        assert_prompt_logprobs_close(fc2.outputs, got.outputs, atol=0.0,
-                                     names=("FC2 k=1", name))
-        assert [o["token_ids"] for o in got.outputs] == [o["token_ids"] for o in fc2.outputs]
+        if int8_gemm_exact:
+            assert_prompt_logprobs_close(fc2.outputs, got.outputs, atol=0.0,
+                                         names=("FC2 k=1", name))
+            assert [o["token_ids"] for o in got.outputs] == [o["token_ids"] for o in fc2.outputs]
+        else:
+            # o_shared's plain int8 layers accumulate exactly (torch._int_mm);
+            # vLLM's oneDNN kernel without VNNI saturates its int16 pair sums,
+            # so FlashComm2 alone rounds differently: judged like FC2 itself.
+            assert_prompt_logprobs_close(ref, got.outputs, atol=tolerance,
+                                         names=("plain TP2", name))
+            assert_greedy_close(ref, got.outputs, names=("plain TP2", name))
         for worker in got.rpc[MEMORY_RPC]:
             assert worker["o_proj_classes"] == ["FlashComm2RowParallelLinear"], worker
             rep = worker["series_report"]

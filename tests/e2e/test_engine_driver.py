@@ -1,0 +1,80 @@
+"""An engine driver runs many engines in one process: nothing of one engine
+may reach the next.
+
+The driver imports vLLM once; each engine gets fresh workers started with its
+own environment. The proof is one driver running FlashComm2 + o_shared, then
+flags off, then the flags again: the "off" run equals plain TP in a fresh
+process bit for bit, the two "on" runs equal each other bit for bit, and each
+run's own log (the driver splits them) states that run's effective settings.
+"""
+
+from __future__ import annotations
+
+from tests.e2e.harness import (
+    DRIVERS,
+    MEMORY_RPC,
+    DriverPool,
+    engine_env,
+    flashcomm2_flags,
+    make_prompts,
+    run_vllm,
+)
+from tests.suite_hygiene import COUNTS
+
+ARCH = "Qwen3ForCausalLM"
+ON = flashcomm2_flags(1, True, 1)
+
+
+def _classes(result) -> set[str]:
+    return {c for worker in result.rpc[MEMORY_RPC] for c in worker["o_proj_classes"]}
+
+
+def _settings_lines(result) -> list[str]:
+    return [line for line in result.log.splitlines()
+            if "FlashComm2 on:" in line or "FlashComm2 off:" in line]
+
+
+def test_flags_on_off_on_in_one_driver_leak_nothing(tiny_model, engines):
+    model = tiny_model(ARCH)
+    prompts = make_prompts(model)
+    DRIVERS.close()
+    drivers_before = COUNTS.engine_drivers
+    runs = [run_vllm(model, prompts, tp=2, env=env, collective_rpc=[MEMORY_RPC])
+            for env in (ON, None, ON)]
+    assert COUNTS.engine_drivers == drivers_before + 1, "the three engines did not share a driver"
+    driver_pid = DRIVERS.driver.proc.pid
+    fresh = run_vllm(model, prompts, tp=2, collective_rpc=[MEMORY_RPC], fresh_process=True)
+    assert DRIVERS.driver.proc.pid == driver_pid
+    on1, off, on2 = runs
+
+    assert _classes(on1) == _classes(on2) == {"FlashComm2RowParallelLinear"}
+    assert _classes(off) == _classes(fresh) == {"RowParallelLinear"}
+    # Bit for bit: every logprob float and every token.
+    assert off.outputs == fresh.outputs
+    assert on1.outputs == on2.outputs
+    assert off.rpc == fresh.rpc
+
+    # Each log holds its own run's settings line (its workers log it) and no other.
+    for run, state in ((on1, "on"), (off, "off"), (on2, "on")):
+        lines = _settings_lines(run)
+        assert lines and all(f"FlashComm2 {state}:" in line for line in lines), lines
+    assert all("o_proj TP size=1 [VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE]" in line
+               for line in _settings_lines(on2))
+    assert all("o_proj TP size=0 [default]" in line for line in _settings_lines(off))
+
+    # The other tests need these two configurations: they are not run again.
+    engines.remember(ARCH, on1, tp=2, env=ON)
+    engines.remember(ARCH, off, tp=2)
+
+
+def test_one_driver_serves_every_test_and_every_flag_setting(monkeypatch):
+    """Only what an engine reads at vLLM's import keys a driver: the test's
+    name (pytest sets it per test) and the FlashComm2 flags do not, a
+    test-only plugin on PYTHONPATH does."""
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/a.py::test_a (call)")
+    first = DriverPool._key(engine_env(2))
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "tests/b.py::test_b (call)")
+    assert DriverPool._key(engine_env(2)) == first
+    assert DriverPool._key(engine_env(2, ON)) == first
+    assert DriverPool._key(engine_env(1)) == first  # the CPU binding is per engine
+    assert DriverPool._key(engine_env(2, pretend_amx=True)) != first
