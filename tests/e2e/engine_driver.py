@@ -32,18 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_vllm import run_engine  # noqa: E402
 
+from vllm_ascend_ext.config import SETTINGS  # noqa: E402
+
+#: The plugin's settings, as a user sets them: a "flags off" engine has none.
+FEATURE_ENV = tuple(setting.env for setting in SETTINGS)
 #: The environment variables an engine may set differently from the driver it
 #: runs in. Each is read when the engine or its workers start, never at vLLM's
 #: import (which the driver did once). Anything else that differs needs a
 #: driver of its own (``harness`` keys drivers by it).
-#: The plugin's settings, as a user sets them: a "flags off" engine has none.
-FEATURE_ENV = (
-    "VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE",
-    "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED",
-    "VLLM_ASCEND_FLASHCOMM2_OSHARED_PREFETCH_STEP",
-    "VLLM_ASCEND_FLASHCOMM2_INT8_ALL_TO_ALL",
-    "VLLM_ASCEND_FLASHCOMM2_ADAPTIVE_TOKENS",
-)
 PER_ENGINE_ENV = (*FEATURE_ENV, "VLLM_CPU_OMP_THREADS_BIND")
 
 
