@@ -68,23 +68,25 @@ def _model_dir(args) -> str:
 
 def _oproj_bytes(model: str, tp: int, flags: dict) -> int:
     """o_proj bytes group rank 0 holds (fp32 checkpoints), from the capacity
-    planner's model of the ring, which tests/test_planner.py checks against
-    the real series."""
-    from vllm_ascend_ext.ops.shared_weight.ring_index import slots_needed
-    from vllm_ascend_ext.tools.planner.model import owned_layers
+    planner, whose figure tests/e2e/test_memory.py reads back from real
+    workers (TP-shard storage) and tests/test_planner.py checks against the
+    round-robin series."""
+    from vllm_ascend_ext.config import parse_flashcomm2_config
+    from vllm_ascend_ext.tools.planner.model import PlanInputs, plan
     from vllm_ascend_ext.tools.planner.shapes import load_model_shape
 
     shape = load_model_shape(model)
     L, W = shape.num_layers, shape.o_proj_in * shape.hidden_size * 4
-    if not flags:
+    cfg = parse_flashcomm2_config(flags, None)
+    if not cfg.enabled:
         return L * W // tp  # plain TP: a 1/TP shard of every layer
-    if flags.get("VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED") != "1":
+    if not cfg.oshared:
         return L * W  # FlashComm2 k=1: the full o_proj everywhere
-    slots = len(slots_needed(0, L, tp, 0, prefetch_step=1))
-    # Under the adaptive switch (on unless set to 0) o_shared also keeps
-    # plain TP's slice of every layer for the small passes.
-    slices = L * W // tp if flags.get(_ADAPTIVE, "1") != "0" else 0
-    return (owned_layers(0, L, tp, 0) + slots) * W + slices
+    memory = plan(shape, PlanInputs(tp=tp, weight_dtype="fp32", act_dtype="fp32",
+                                    prefetch_step=cfg.prefetch_step,
+                                    adaptive_tokens=cfg.adaptive_tokens,
+                                    storage=cfg.oshared_storage))["memory"]
+    return memory["ours_total_bytes"]
 
 
 def run_one(model: str, tp: int, env_flags: dict, args) -> dict:
@@ -141,12 +143,16 @@ def main(argv=None) -> int:
     ap.add_argument("--from-json", metavar="RESULTS",
                     help="--hosts 2: recompute the predictions for a saved run's "
                          "measurements instead of measuring")
+    ap.add_argument("--configs", nargs="+", choices=[name for name, _ in CONFIGS],
+                    help="run only these configurations (plain TP, the baseline, always runs)")
     ap.add_argument("--out", default=str(ROOT / "results/bench_throughput.json"))
     args = ap.parse_args(argv)
+    configs = [c for c in CONFIGS if not args.configs or c[0] in args.configs
+               or c is CONFIGS[0]]
     if args.hosts == 2:
         from two_host_throughput import main_two_hosts
 
-        return main_two_hosts(_model_dir(args), CONFIGS, WORKLOADS, args, _oproj_bytes)
+        return main_two_hosts(_model_dir(args), configs, WORKLOADS, args, _oproj_bytes)
 
     from vllm_ascend_ext.config import DEFAULT_ADAPTIVE_TOKENS
     model = _model_dir(args)
@@ -154,7 +160,7 @@ def main(argv=None) -> int:
     for rnd in range(args.rounds):
         for workload in args.workloads:
             args.input_len, args.output_len = WORKLOADS[workload]
-            for name, flags in CONFIGS:
+            for name, flags in configs:
                 data = run_one(model, args.tp, flags, args)
                 samples.setdefault((workload, name), []).append(data["tokens_per_second"])
                 print(f"round {rnd} {workload} {name}: {data['tokens_per_second']:.1f} tok/s",
@@ -162,7 +168,7 @@ def main(argv=None) -> int:
     rows = []
     for workload in args.workloads:
         base = samples[(workload, CONFIGS[0][0])]
-        for name, flags in CONFIGS:
+        for name, flags in configs:
             tps = samples[(workload, name)]
             ratios = [t / b for t, b in zip(tps, base)]  # within a round
             rows.append({

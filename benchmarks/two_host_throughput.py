@@ -95,9 +95,16 @@ def oproj_mode(flags: dict):
     from vllm_ascend_ext.config import parse_flashcomm2_config
     from vllm_ascend_ext.tools.planner.step_model import OprojMode
 
+    from vllm_ascend_ext.oshared_storage import choose_storage
+
     cfg = parse_flashcomm2_config(flags, None)
+    # Two hosts, TP2, one replica: the o_shared group is the TP group, and the
+    # CPU checkpoints are fp32 (a method with a gather declaration).
+    storage = choose_storage(cfg.oshared_storage, adaptive_tokens=cfg.adaptive_tokens,
+                             oshared_group_size=2, tp_size=2, gather_spec="vLLM",
+                             quant_method="UnquantizedLinearMethod").storage
     mode = OprojMode(flashcomm2=cfg.enabled, oshared=cfg.oshared,
-                     adaptive=cfg.enabled and cfg.adaptive_tokens > 0)
+                     adaptive=cfg.enabled and cfg.adaptive_tokens > 0, storage=storage)
     return mode, cfg.adaptive_tokens
 
 

@@ -147,6 +147,9 @@ def _reset_between_calls(groups_at_start: tuple) -> bool:
     registry = sys.modules.get("vllm_ascend_ext.ops.shared_weight.registry")
     if registry is not None:
         registry.shared_weight_registry.clear()
+    tp_shard = sys.modules.get("vllm_ascend_ext.ops.tp_shard.storage")
+    if tp_shard is not None:
+        tp_shard.close_all()
     communication = sys.modules.get("vllm_ascend_ext.distributed.communication")
     if communication is not None:
         communication.set_poison_outputs(False)

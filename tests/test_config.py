@@ -8,7 +8,9 @@ from types import SimpleNamespace
 import pytest
 
 from vllm_ascend_ext.config import (
+    ENV_ADAPTIVE_TOKENS as ENV_ADAPTIVE,
     ENV_OSHARED,
+    ENV_OSHARED_STORAGE as ENV_STORAGE,
     ENV_PARALLEL_SIZE,
     ENV_PREFETCH_STEP,
     SUPPORTED_ARCHITECTURES,
@@ -68,6 +70,11 @@ def test_parse_ok(env, ac, expected, sources):
 
 
 PARSE_ERRORS = [
+    ("env-storage-word", {ENV_STORAGE: "sharded"}, None,
+     f"{ENV_STORAGE}='sharded' is invalid: expected one of auto, tp_shard, round_robin"),
+    ("ac-storage-type", {}, {"flashcomm2_oshared_storage": 1},
+     'additional_config["flashcomm2_oshared_storage"]=1 is invalid: expected one of auto, '
+     "tp_shard, round_robin"),
     ("env-size-word", {ENV_PARALLEL_SIZE: "abc"}, None,
      f"{ENV_PARALLEL_SIZE}='abc' is invalid: {SIZE_RULE}"),
     ("env-size-negative", {ENV_PARALLEL_SIZE: "-1"}, None,
@@ -124,15 +131,19 @@ def test_parse_is_pure_and_frozen(monkeypatch):
 
 
 def _vllm_config(tp=4, pp=1, dp=1, arch="DeepseekV3ForCausalLM", layers=8,
-                 additional=None, graphs=None, eager=False, sp_pass=False, ep=False):
+                 additional=None, graphs=None, eager=False, sp_pass=False, ep=False,
+                 capture=None):
     """A real ParallelConfig, HF config and CompilationConfig, in a minimal
     VllmConfig stand-in (a real ModelConfig needs a checkpoint directory; see
-    test_real_vllm_config). ``graphs``: a CUDAGraphMode name to capture with."""
+    test_real_vllm_config). ``graphs``: a CUDAGraphMode name to capture with;
+    ``capture``: the batch sizes it captures."""
     from transformers import PretrainedConfig
     from vllm.config import CompilationConfig, CUDAGraphMode, ParallelConfig
 
     hf = PretrainedConfig(architectures=[arch], num_hidden_layers=layers)
-    compilation = CompilationConfig(cudagraph_mode=CUDAGraphMode[graphs or "NONE"])
+    compilation = CompilationConfig(cudagraph_mode=CUDAGraphMode[graphs or "NONE"],
+                                    **({} if capture is None else
+                                       {"cudagraph_capture_sizes": capture}))
     if sp_pass:  # vLLM's sequence-parallel pass (pass_config.enable_sp up to 0.27.x)
         compilation = SimpleNamespace(cudagraph_mode=compilation.cudagraph_mode,
                                       pass_config=SimpleNamespace(enable_sp=True))
@@ -209,13 +220,38 @@ VALIDATE_ERRORS = [
      "compilation_config.pass_config.enable_sp=True makes the layers around o_proj expect "
      "token-sharded ones (FlashComm1 / sequence parallelism); turn that setting off or "
      "FlashComm2 off"),
-    # Graph capture with o_shared (contract 5).
-    ("oshared-graphs", {ENV_PARALLEL_SIZE: "1", ENV_OSHARED: "1"}, None,
+    # Graph capture with o_shared (contract 5): only sizes that run plain TP.
+    ("oshared-graphs-above-threshold", {ENV_PARALLEL_SIZE: "1", ENV_OSHARED: "1"}, None,
+     dict(graphs="PIECEWISE", capture=[1, 2, 4, 512, 2048, 4096]),
+     f"{ENV_OSHARED}='1' is invalid: with o_shared, graph capture "
+     "(compilation_config.cudagraph_mode=PIECEWISE) is allowed only for batch sizes at or "
+     "below the adaptive threshold, which run plain TP and no o_shared operation; capture "
+     f"sizes [2048, 4096] exceed the adaptive threshold {ENV_ADAPTIVE} (unset; default)=1024. "
+     "Cap the captured sizes at 1024 (compilation_config.max_cudagraph_capture_size), raise "
+     "the threshold, run eagerly (--enforce-eager), or turn o_shared off"),
+    ("oshared-graphs-threshold-0", {ENV_PARALLEL_SIZE: "1", ENV_OSHARED: "1",
+                                    ENV_ADAPTIVE: "0"}, None,
+     dict(graphs="FULL", capture=[1, 2]),
+     f"{ENV_OSHARED}='1' is invalid: with o_shared, graph capture "
+     "(compilation_config.cudagraph_mode=FULL) is allowed only for batch sizes at or "
+     "below the adaptive threshold, which run plain TP and no o_shared operation; capture "
+     f"sizes [1, 2] exceed the adaptive threshold {ENV_ADAPTIVE}='0'. "
+     "Cap the captured sizes at 0 (compilation_config.max_cudagraph_capture_size), raise "
+     "the threshold, run eagerly (--enforce-eager), or turn o_shared off"),
+    ("oshared-graphs-sizes-unknown", {ENV_PARALLEL_SIZE: "1", ENV_OSHARED: "1"}, None,
      dict(graphs="PIECEWISE"),
-     f"{ENV_OSHARED}='1' is invalid: o_shared's broadcasts are Python-driven and do not "
-     "re-run when a captured graph replays, but graph capture is on "
-     "(compilation_config.cudagraph_mode=PIECEWISE); run eagerly (--enforce-eager, or "
-     "cudagraph_mode NONE), or turn o_shared off (FlashComm2 alone works with graphs)"),
+     f"{ENV_OSHARED}='1' is invalid: with o_shared, graph capture "
+     "(compilation_config.cudagraph_mode=PIECEWISE) is allowed only for batch sizes at or "
+     "below the adaptive threshold, which run plain TP and no o_shared operation; vLLM does "
+     "not say which sizes it captures. Cap the captured sizes at 1024 "
+     "(compilation_config.max_cudagraph_capture_size), raise the threshold, run eagerly "
+     "(--enforce-eager), or turn o_shared off"),
+    # The storage setting.
+    ("storage-without-oshared", {ENV_PARALLEL_SIZE: "1"},
+     {"flashcomm2_oshared_storage": "round_robin"}, dict(),
+     f'additional_config["flashcomm2_oshared_storage"]=\'round_robin\' is invalid: the '
+     "o_shared storage only applies with o_shared on, and o_shared is off "
+     f"({ENV_OSHARED} (unset; default)=False); turn o_shared on or drop this setting"),
 ]
 
 
@@ -243,6 +279,13 @@ VALIDATE_OK = [
     ("fc2-graphs", {ENV_PARALLEL_SIZE: "1"}, None, dict(graphs="FULL_AND_PIECEWISE")),
     ("oshared-enforce-eager", {ENV_PARALLEL_SIZE: "1", ENV_OSHARED: "1"}, None,
      dict(graphs="PIECEWISE", eager=True)),
+    # Decode-size graphs: every captured size runs plain TP from the shard.
+    ("oshared-graphs-at-threshold", {ENV_PARALLEL_SIZE: "1", ENV_OSHARED: "1"}, None,
+     dict(graphs="FULL_AND_PIECEWISE", capture=[1, 2, 4, 8, 512, 1024])),
+    ("storage-round-robin", {ENV_PARALLEL_SIZE: "1", ENV_OSHARED: "1",
+                             ENV_STORAGE: "Round_Robin"}, None, dict()),
+    ("storage-auto-without-oshared", {ENV_PARALLEL_SIZE: "1", ENV_STORAGE: "auto"}, None,
+     dict()),
     ("flashcomm1-off-words", {ENV_PARALLEL_SIZE: "1", "VLLM_ASCEND_ENABLE_FLASHCOMM1": "0"},
      None, dict(additional={"enable_shared_expert_dp": False}, ep=True)),
     # vllm-ascend ignores shared_expert_dp without expert parallelism.

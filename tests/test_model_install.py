@@ -98,8 +98,8 @@ def _install_worker(rank, world_size, additional_config, unknown_holder=False):
                                 .get("resident_slice") is r() for r, l in zip(old, layers)]
         out["prefixes"] = state.o_proj_prefixes
         series = state.series
-        out["series_layers"] = (
-            None if series is None else [l.prefix for l in series.layers])
+        out["series_layers"] = None if series is None else series.layer_indices
+        out["storage"] = state.storage
         # Non-owned members hold no weight before loading.
         out["weight_numel"] = [l.self_attn.o_proj.weight.numel() for l in layers]
         state.close()
@@ -112,26 +112,35 @@ def test_flags_off_leaves_vllm_model_untouched():
     assert r0 == r1 == {"state": False}
 
 
-@pytest.mark.parametrize("adaptive", [0, None], ids=["threshold 0", "default threshold"])
-def test_install_replaces_hidden_o_projs_only_and_builds_the_series(adaptive):
+@pytest.mark.parametrize("adaptive,storage", [(0, None), (None, None), (0, "round_robin"),
+                                              (None, "round_robin")],
+                         ids=["threshold 0", "default threshold", "round-robin threshold 0",
+                              "round-robin default threshold"])
+def test_install_replaces_hidden_o_projs_only_and_builds_the_series(adaptive, storage):
     cfg = {"enable_flashcomm2_parallel_size": 1, "layer_sharding": ["o_proj"]}
     if adaptive is not None:
         cfg["flashcomm2_adaptive_tokens"] = adaptive
+    if storage is not None:
+        cfg["flashcomm2_oshared_storage"] = storage
     results = run_distributed(_install_worker, 2, cfg, tp_size=2)
+    tp_shard = storage is None  # auto: one replica, so TP shards
     for rank, r in enumerate(results):
+        assert r["storage"] == ("tp_shard" if tp_shard else "round_robin")
         assert r["classes"] == ["FlashComm2RowParallelLinear"] * NUM_HIDDEN + ["RowParallelLinear"]
         assert all(r["mla_same_object"]), "MLA wrapper kept a stale o_proj"
         # vllm-ascend's impl.o_proj follows the swap; the replaced modules are
         # freed, or (default threshold) kept only as the resident slice.
         assert all(r["impl_same_object"]), "the attention impl kept a stale o_proj"
-        slices = adaptive is None
+        # TP shards keep vLLM's o_proj as the storage of every layer; round-robin
+        # keeps it only for the adaptive switch's small steps.
+        slices = tp_shard or adaptive is None
         assert r["old_alive"] == [slices] * NUM_HIDDEN + [True]
         assert r["kept_as_slice"] == [slices] * NUM_HIDDEN + [False]
         assert r["prefixes"] == [f"model.layers.{i}.self_attn.o_proj" for i in range(NUM_HIDDEN)]
-        assert r["series_layers"] == [f"model.layers.{i}.self_attn.o_proj"
-                                      for i in range(NUM_HIDDEN)]
-        # k=1: full 64x32 o_proj; owner = layer % 2; MTP layer 3 keeps its TP shard.
-        owned = [64 * 32 if i % 2 == rank else 0 for i in range(NUM_HIDDEN)]
+        assert r["series_layers"] == list(range(NUM_HIDDEN))
+        # Round-robin, k=1: full 64x32 o_proj on its owner (layer % 2); TP
+        # shards: no FlashComm2 storage at all. The MTP layer 3 keeps its TP shard.
+        owned = [64 * 32 if i % 2 == rank and not tp_shard else 0 for i in range(NUM_HIDDEN)]
         assert r["weight_numel"] == owned + [32 * 32]
 
 

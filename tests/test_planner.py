@@ -119,14 +119,62 @@ def test_padding_to_a_multiple_of_tp():
     assert c["fc2_all_gather"] == 15 / 16 * 32 * 4096 * 2
 
 
-def test_break_even_is_where_the_broadcast_equals_the_saving():
-    p = plan(QWEN235, PlanInputs(tp=16, weight_dtype="int8", tokens=(1,)))
+@pytest.mark.parametrize("storage,moved", [("round_robin", 32 * MIB),
+                                           ("tp_shard", 15 / 16 * 32 * MIB)])
+def test_break_even_is_where_the_transfer_equals_the_saving(storage, moved):
+    """Round-robin broadcasts a whole layer W; TP shards all-gather it, each
+    rank sending (P-1)/P W."""
+    p = plan(QWEN235, PlanInputs(tp=16, weight_dtype="int8", tokens=(1,), storage=storage))
     per_token = 15 / 16 * 4096 * 2 - 15 / 16 * 512 * 2
     assert p["fc2_saved_bytes_per_token"] == pytest.approx(per_token)  # 6720
-    assert p["break_even_tokens"] == pytest.approx(32 * MIB / per_token)
+    assert p["break_even_tokens"] == pytest.approx(moved / per_token)
+    assert p["comm"][0]["oshared_transfer"] == pytest.approx(moved)
     T = 16 * math.ceil(p["break_even_tokens"] / 16)
     at = pl.comm_per_layer(QWEN235, 16, 1, 2, T)["fc2_saved_vs_tp"]
-    assert at >= 32 * MIB > pl.comm_per_layer(QWEN235, 16, 1, 2, T - 16)["fc2_saved_vs_tp"]
+    assert at >= moved > pl.comm_per_layer(QWEN235, 16, 1, 2, T - 16)["fc2_saved_vs_tp"]
+
+
+# ------------------------------------------------------ the two storages
+
+
+def test_deepseek_v3_tp16_default_flags_store_plain_tp_plus_one_slot():
+    """The default flags (adaptive switch on, o_shared on, storage auto):
+    TP shards, plain TP's 61 W / 16 plus one ring slot of W, at most 1.06 GiB
+    where round-robin with resident slices held 1.93 GiB."""
+    p = plan(DSV3, PlanInputs(tp=16, weight_dtype="bf16"))
+    mem, W = p["memory"], p["layout"]["per_layer_bytes"]
+    assert mem["storage"] == "tp_shard", mem["storage_reason"]
+    assert mem["tp_shard_bytes"] == 61 * W // 16 + W == mem["ours_total_bytes"]
+    assert mem["ours_total_bytes"] / GIB <= 1.06
+    assert round(mem["round_robin_bytes"] / GIB, 2) == 1.93
+    assert mem["round_robin_bytes"] == 5 * W + 61 * W // 16
+    assert mem["resident_slice_bytes"] == mem["plain_tp_bytes"]
+    assert mem["received_bytes_per_layer"] == 15 * W // 16
+    assert mem["round_robin_received_bytes_per_layer"] == W
+
+
+def test_round_robin_only_where_it_stores_less():
+    """A group spanning MoE DP replicas with the threshold at 0 (a prefill-only
+    instance): round-robin holds L W / n, less than plain TP's L W / P."""
+    spanning = plan(DSV3, PlanInputs(tp=16, dp=2, adaptive_tokens=0))
+    assert spanning["memory"]["storage"] == "round_robin"
+    assert "spans DP replicas" in spanning["memory"]["storage_reason"]
+    assert spanning["memory"]["ours_total_bytes"] == spanning["memory"]["round_robin_bytes"] \
+        < spanning["memory"]["tp_shard_bytes"]
+    # The same group with the switch on needs plain TP's shard anyway.
+    switched = plan(DSV3, PlanInputs(tp=16, dp=2))
+    assert switched["memory"]["storage"] == "tp_shard"
+    assert switched["memory"]["tp_shard_bytes"] < switched["memory"]["round_robin_bytes"]
+    # One replica, threshold 0: the same bytes up to the ring; TP shards win
+    # on traffic (a balanced all-gather, not one owner sending everything).
+    one = plan(DSV3, PlanInputs(tp=16, adaptive_tokens=0))
+    assert one["memory"]["storage"] == "tp_shard"
+    # And what a user asks for is what the plan uses.
+    forced = plan(DSV3, PlanInputs(tp=16, storage="round_robin"))
+    assert forced["memory"]["storage"] == "round_robin"
+    assert forced["memory"]["ours_total_bytes"] == forced["memory"]["round_robin_bytes"]
+    with pytest.raises(PlanError, match="--storage must be one of"):
+        plan(DSV3, PlanInputs(tp=16, storage="shards"))
 
 
 def test_pp_stages_match_vllm(monkeypatch):
@@ -260,12 +308,18 @@ def test_cli_text_says_whether_the_group_spans_dp(capsys):
 
 def test_broadcast_hidden_or_not():
     # 32 MiB at 1600 Gbit/s (200 GB/s): 167.8 us of transfer, + 10 us latency
-    x = dict(tp=16, weight_dtype="int8", link_gbps=1600.0, latency_us=10.0)
+    x = dict(tp=16, weight_dtype="int8", link_gbps=1600.0, latency_us=10.0,
+             storage="round_robin")
     t = plan(QWEN235, PlanInputs(**x, layer_compute_us=200.0, prefetch_step=1))["timing"]
     assert t["transfer_us"] == pytest.approx(32 * MIB / 200e9 * 1e6)
     assert t["broadcast_us"] == pytest.approx(t["transfer_us"] + 10.0)
     assert t["window_us"] == 200.0 and t["hidden"] and t["exposed_us_per_layer"] == 0
     assert t["min_prefetch_step"] == 1
+    # TP shards: each rank takes in 15/16 of the layer, from all the others at once
+    t = plan(QWEN235, PlanInputs(**{**x, "storage": "tp_shard"}, layer_compute_us=200.0,
+                                 prefetch_step=1))["timing"]
+    assert t["transfer_us"] == pytest.approx(15 / 16 * 32 * MIB / 200e9 * 1e6)
+    assert t["broadcast_us"] == pytest.approx(t["transfer_us"] + 10.0)
 
     # layer shorter than the broadcast but longer than the transfer: a deeper ring hides it
     t = plan(QWEN235, PlanInputs(**x, layer_compute_us=170.0, prefetch_step=1))["timing"]

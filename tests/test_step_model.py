@@ -11,6 +11,7 @@ from vllm_ascend_ext.tools.planner.step_model import (
     ADAPTIVE_OSHARED,
     FLASHCOMM2,
     FLASHCOMM2_OSHARED,
+    OprojMode,
     PLAIN_TP,
     TCP_FRAMING,
     ComputeModel,
@@ -62,11 +63,12 @@ def test_oshared_broadcasts_every_layer_on_large_steps_only_with_the_switch():
 
 def test_oshared_broadcasts_add_up_one_layer_after_another():
     W = 256 * 1024 * 4  # the bench preset's o_proj
+    round_robin = OprojMode(flashcomm2=True, oshared=True, storage="round_robin")
     for P, fan_out in ((2, 1), (4, 3)):
         for mode, sends in (("flat", fan_out), ("pipelined", 1)):
             link = LinkModel(rate_bytes_per_s=25e6, latency_s=0.0, broadcast=mode)
             fc2 = step_cost(BENCH, P, 4096, FLASHCOMM2, link, 4, 4, 0)
-            osh = step_cost(BENCH, P, 4096, FLASHCOMM2_OSHARED, link, 4, 4, 0)
+            osh = step_cost(BENCH, P, 4096, round_robin, link, 4, 4, 0)
             # every layer, not only the owner's share: at P=2 each broadcast
             # runs one way while the other direction idles
             assert osh.link_seconds - fc2.link_seconds == pytest.approx(8 * W * sends / 25e6)
@@ -75,6 +77,19 @@ def test_oshared_broadcasts_add_up_one_layer_after_another():
     fc2 = step_cost(BENCH, 2, 4096, FLASHCOMM2, LINK, 4, 4, 0)
     assert step_cost(BENCH, 2, 4096, FLASHCOMM2_OSHARED, half, 4, 4, 0).link_seconds \
         == pytest.approx(fc2.link_seconds + 0.5 * (full.link_seconds - fc2.link_seconds))
+
+
+def test_tp_shard_all_gather_moves_p_minus_1_over_p_each_way():
+    """TP-shard storage: each layer's all-gather has every rank send and
+    receive (P-1)/P W at once, so at P=2 it takes half a broadcast's time."""
+    W = 256 * 1024 * 4
+    link = LinkModel(rate_bytes_per_s=25e6, latency_s=0.0)
+    for P in (2, 4):
+        fc2 = step_cost(BENCH, P, 4096, FLASHCOMM2, link, 4, 4, 0)
+        osh = step_cost(BENCH, P, 4096, FLASHCOMM2_OSHARED, link, 4, 4, 0)
+        assert FLASHCOMM2_OSHARED.storage == "tp_shard"
+        assert osh.link_seconds - fc2.link_seconds == pytest.approx(8 * W * (P - 1) / P / 25e6)
+        assert osh.wire_bytes - fc2.wire_bytes == pytest.approx(8 * W * (P - 1))
 
 
 def test_workload_steps_and_calibration():

@@ -1,7 +1,7 @@
 """FlashComm2 / o_shared settings: where they come from and whether they fit.
 
-Five settings (``parallel_size``, ``oshared``, ``prefetch_step``,
-``int8_all_to_all``, ``adaptive_tokens``), each read from vLLM's
+Six settings (``parallel_size``, ``oshared``, ``prefetch_step``,
+``int8_all_to_all``, ``adaptive_tokens``, ``oshared_storage``), each read from vLLM's
 ``additional_config`` first and from an environment variable second
 (``additional_config`` wins when both are given; the overridden environment
 value is then not even parsed). Their names, accepted values and defaults are
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_ascend_ext.models import MODEL_CLASSES
+from vllm_ascend_ext.oshared_storage import AUTO, STORAGES
 from vllm_ascend_ext.pipeline_stages import smallest_stage_layers
 
 __all__ = [
@@ -30,14 +31,17 @@ __all__ = [
     "ADDITIONAL_CONFIG_PREFETCH_STEP",
     "ADDITIONAL_CONFIG_ADAPTIVE_TOKENS",
     "ADDITIONAL_CONFIG_INT8_ALL_TO_ALL",
+    "ADDITIONAL_CONFIG_OSHARED_STORAGE",
     "DEFAULT_ADAPTIVE_TOKENS",
     "DEFAULT_INT8_ALL_TO_ALL",
     "DEFAULT_OSHARED",
+    "DEFAULT_OSHARED_STORAGE",
     "DEFAULT_PARALLEL_SIZE",
     "DEFAULT_PREFETCH_STEP",
     "ENV_ADAPTIVE_TOKENS",
     "ENV_INT8_ALL_TO_ALL",
     "ENV_OSHARED",
+    "ENV_OSHARED_STORAGE",
     "ENV_PARALLEL_SIZE",
     "ENV_PREFETCH_STEP",
     "FlashComm2Config",
@@ -56,12 +60,14 @@ ENV_OSHARED = "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED"
 ENV_PREFETCH_STEP = "VLLM_ASCEND_FLASHCOMM2_OSHARED_PREFETCH_STEP"
 ENV_INT8_ALL_TO_ALL = "VLLM_ASCEND_FLASHCOMM2_INT8_ALL_TO_ALL"
 ENV_ADAPTIVE_TOKENS = "VLLM_ASCEND_FLASHCOMM2_ADAPTIVE_TOKENS"
+ENV_OSHARED_STORAGE = "VLLM_ASCEND_FLASHCOMM2_OSHARED_STORAGE"
 
 ADDITIONAL_CONFIG_PARALLEL_SIZE = "enable_flashcomm2_parallel_size"
 ADDITIONAL_CONFIG_LAYER_SHARDING = "layer_sharding"
 ADDITIONAL_CONFIG_PREFETCH_STEP = "flashcomm2_oshared_prefetch_step"
 ADDITIONAL_CONFIG_INT8_ALL_TO_ALL = "flashcomm2_int8_all_to_all"
 ADDITIONAL_CONFIG_ADAPTIVE_TOKENS = "flashcomm2_adaptive_tokens"
+ADDITIONAL_CONFIG_OSHARED_STORAGE = "flashcomm2_oshared_storage"
 
 #: Model classes whose attention output projection this project replaces:
 #: those the plugin registers (models/__init__.py holds only their names).
@@ -77,6 +83,8 @@ DEFAULT_INT8_ALL_TO_ALL = True
 #: Adaptive FlashComm2's token threshold: see docs/flashcomm2.md "Adaptive
 #: FlashComm2" for the measurement it comes from.
 DEFAULT_ADAPTIVE_TOKENS = 1024
+#: o_shared's storage: chosen from the layout (oshared_storage.choose_storage).
+DEFAULT_OSHARED_STORAGE = AUTO
 
 _TRUE_WORDS = ("1", "true")
 _FALSE_WORDS = ("0", "false")
@@ -143,6 +151,13 @@ def _parse_switch(source: str, value: Any) -> bool:
     raise _bad(source, value, "expected true or false (or 0 / 1)")
 
 
+def _parse_storage(source: str, value: Any) -> str:
+    text = value.strip().lower() if isinstance(value, str) else value
+    if text not in STORAGES:
+        raise _bad(source, value, f"expected one of {', '.join(STORAGES)}")
+    return text
+
+
 def _parse_layer_sharding(source: str, value: Any) -> bool:
     if not isinstance(value, (list, tuple)):
         raise _bad(
@@ -197,6 +212,8 @@ SETTINGS: tuple[Setting, ...] = (
             _non_negative_int("the adaptive FlashComm2 threshold must be a non-negative "
                               "integer number of tokens (0 = always FlashComm2)"),
             DEFAULT_ADAPTIVE_TOKENS),
+    Setting("oshared_storage", ENV_OSHARED_STORAGE, ADDITIONAL_CONFIG_OSHARED_STORAGE,
+            _parse_storage, DEFAULT_OSHARED_STORAGE),
 )
 
 
@@ -210,7 +227,9 @@ class FlashComm2Config:
     ``int8_all_to_all``: send int8 activations where the o_proj takes them.
     ``adaptive_tokens``: at most this many tokens -> plain row-parallel o_proj
     (0 = always FlashComm2).
-    ``sources``: for each of those five field names, a human-readable
+    ``oshared_storage``: ``auto``, ``tp_shard`` or ``round_robin``
+    (``oshared_storage.py``).
+    ``sources``: for each of those six field names, a human-readable
     description of where the value came from (``"default"``, an environment
     variable, or an ``additional_config`` key, with the environment value it
     overrode).
@@ -221,6 +240,7 @@ class FlashComm2Config:
     prefetch_step: int = DEFAULT_PREFETCH_STEP
     int8_all_to_all: bool = DEFAULT_INT8_ALL_TO_ALL
     adaptive_tokens: int = DEFAULT_ADAPTIVE_TOKENS
+    oshared_storage: str = DEFAULT_OSHARED_STORAGE
     sources: Mapping[str, str] = field(
         default_factory=lambda: {s.name: "default" for s in SETTINGS},
         compare=False,
@@ -258,7 +278,9 @@ class FlashComm2Config:
             f"int8 all-to-all={'on' if self.int8_all_to_all else 'off'} "
             f"[{self.sources.get('int8_all_to_all', 'default')}], "
             f"adaptive threshold={self.adaptive_tokens} tokens "
-            f"[{self.sources.get('adaptive_tokens', 'default')}]"
+            f"[{self.sources.get('adaptive_tokens', 'default')}], "
+            f"o_shared storage={self.oshared_storage} "
+            f"[{self.sources.get('oshared_storage', 'default')}]"
         )
 
 
@@ -370,6 +392,41 @@ def graph_capture_mode(vllm_config: Any) -> str | None:
     return None if name.upper() == "NONE" else name
 
 
+def graph_capture_sizes(vllm_config: Any) -> list[int] | None:
+    """The batch sizes vLLM captures graphs for (None when it does not say)."""
+    compilation = getattr(vllm_config, "compilation_config", None)
+    sizes = getattr(compilation, "cudagraph_capture_sizes", None)
+    if sizes:
+        return sorted(int(s) for s in sizes)
+    largest = getattr(compilation, "max_cudagraph_capture_size", None)
+    return None if largest is None else [int(largest)]
+
+
+def _check_graph_capture(cfg: FlashComm2Config, vllm_config: Any) -> None:
+    """o_shared's ring is driven from Python, so a replayed graph must never
+    contain a ring operation: every captured size must be a small step, which
+    runs plain TP from the shard and touches no o_shared state."""
+    mode = graph_capture_mode(vllm_config)
+    if mode is None:
+        return
+    sizes = graph_capture_sizes(vllm_config)
+    threshold = cfg.adaptive_tokens
+    too_big = [s for s in sizes if s > threshold] if sizes is not None else None
+    if too_big == []:
+        return
+    what = ("vLLM does not say which sizes it captures" if too_big is None else
+            f"capture sizes {too_big} exceed the adaptive threshold "
+            f"{cfg.labels['adaptive_tokens']}={_raw(cfg, 'adaptive_tokens')!r}")
+    raise _bad(
+        cfg.labels["oshared"], _raw(cfg, "oshared"),
+        f"with o_shared, graph capture (compilation_config.cudagraph_mode={mode}) is "
+        f"allowed only for batch sizes at or below the adaptive threshold, which run plain "
+        f"TP and no o_shared operation; {what}. Cap the captured sizes at {threshold} "
+        f"(compilation_config.max_cudagraph_capture_size), raise the threshold, run "
+        "eagerly (--enforce-eager), or turn o_shared off",
+    )
+
+
 def validate_flashcomm2_config(cfg: FlashComm2Config, vllm_config: Any,
                                env: Mapping[str, str] | None = None) -> None:
     """Check ``cfg`` against the engine's ``VllmConfig``.
@@ -384,6 +441,12 @@ def validate_flashcomm2_config(cfg: FlashComm2Config, vllm_config: Any,
     oshared_src = cfg.labels["oshared"]
     step_src = cfg.labels["prefetch_step"]
 
+    if not cfg.oshared and cfg.oshared_storage != AUTO and "oshared_storage" in cfg.raw_values:
+        raise _bad(
+            cfg.labels["oshared_storage"], _raw(cfg, "oshared_storage"),
+            f"the o_shared storage only applies with o_shared on, and o_shared is off "
+            f"({oshared_src}={_raw(cfg, 'oshared')!r}); turn o_shared on or drop this setting",
+        )
     if cfg.oshared and not cfg.enabled:
         raise _bad(
             oshared_src, _raw(cfg, "oshared"),
@@ -463,15 +526,7 @@ def validate_flashcomm2_config(cfg: FlashComm2Config, vllm_config: Any,
                 "only adds memory; turn it off on the decode nodes (FlashComm2 and its "
                 "adaptive switch may stay on) and keep it on the prefill nodes",
             )
-        mode = graph_capture_mode(vllm_config)
-        if mode is not None:
-            raise _bad(
-                oshared_src, _raw(cfg, "oshared"),
-                f"o_shared's broadcasts are Python-driven and do not re-run when a captured "
-                f"graph replays, but graph capture is on (compilation_config.cudagraph_mode="
-                f"{mode}); run eagerly (--enforce-eager, or cudagraph_mode NONE), or turn "
-                "o_shared off (FlashComm2 alone works with graphs)",
-            )
+        _check_graph_capture(cfg, vllm_config)
         layers = int(hf_config.num_hidden_layers)
         stage = smallest_stage_layers(layers, pp)
         if stage < 1:

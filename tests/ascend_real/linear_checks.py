@@ -202,3 +202,71 @@ def oshared_over_real_w8a8(rank: int, P: int, k: int, num_layers: int = 4) -> di
         out["routes"] = sorted({str(getattr(lay.int8_input(), "route", None)) for lay in shared})
         series.close()
     return out
+
+
+def tp_shard_over_real_methods(rank: int, P: int, k: int, num_layers: int = 4) -> dict:
+    """o_shared's TP-shard storage over vllm-ascend's real classes: each layer
+    keeps a real ``AscendRowParallelLinear`` (its plain TP shard, loaded and
+    post-processed by the real W8A8 methods), FlashComm2's weight is gathered
+    as the method's own ``tp_weight_gather_specs`` / ``tp_weight_repeat_specs``
+    say, and the outputs must equal FlashComm2 without o_shared exactly.
+    Small steps (at or below the threshold) run the shard itself, against
+    plain TP."""
+    from vllm_ascend_ext.distributed.parallel_state import get_flashcomm2_odp_group
+    from vllm_ascend_ext.ops.tp_shard.specs import shard_specs_for
+    from vllm_ascend_ext.ops.tp_shard.storage import TPShardStorage
+
+    out: dict = {"declared_by": {}}
+    # the unquantized method declares its gather too (its apply needs an NPU)
+    out["declared_by"]["unquantized"] = shard_specs_for(L.plain_tp(None)).declared_by
+    for scheme in SCHEMES[1:]:
+        ckpts = [L.checkpoint(scheme, seed=40 + i, input_scale=0.04 + 0.01 * i)
+                 for i in range(num_layers)]
+        with _FlashComm2Groups(k, oshared=True):
+            specs = shard_specs_for(L.plain_tp(scheme, num_layers=num_layers))
+            out["declared_by"][scheme] = specs.declared_by
+            storage = TPShardStorage(f"real-tp-shard.{scheme}.k{k}", get_flashcomm2_odp_group(),
+                                     1, specs)
+            shared, alone, plain = [], [], []
+            for i, ckpt in enumerate(ckpts):
+                lay = L.flashcomm2(scheme, i, num_layers=num_layers, int8_all_to_all=True,
+                                   adaptive_tokens=ADAPTIVE_TOKENS)
+                storage.add_layer(lay, L.plain_tp(scheme, i, num_layers=num_layers), i)
+                ref = L.flashcomm2(scheme, i, num_layers=num_layers, int8_all_to_all=True,
+                                   adaptive_tokens=0)
+                tp = L.plain_tp(scheme, i, num_layers=num_layers)
+                for layer in (lay, ref, tp):
+                    L.load(layer, ckpt)
+                shared.append(lay), alone.append(ref), plain.append(tp)
+            for layer in shared + alone + plain:  # vLLM's pass: parent, then its slice
+                for module in layer.modules():
+                    L.post_process(module)
+            gaps, small_gaps, scale = [], [], 0.0
+            for step in range(2):  # two passes: the ring wraps around
+                for T in (2, 9):
+                    _, x_local = _inputs(rank, P, T, seed=500 + 10 * step + T)
+                    for lay, ref, tp in zip(shared, alone, plain):
+                        y = lay(x_local)[0]
+                        if T > ADAPTIVE_TOKENS:
+                            gaps.append(_gap(y, ref(x_local)[0]))
+                        else:
+                            want = tp(x_local)[0]
+                            small_gaps.append(_gap(y, want))
+                            scale = max(scale, _max_abs(want))
+            report = storage.memory_report()
+            out[scheme] = {
+                "max_gap": max(gaps), "small_max_gap": max(small_gaps), "scale": scale,
+                "routes": sorted({str(getattr(lay.int8_input(), "route", None))
+                                  for lay in shared}),
+                "gathered": [s.attr for s in specs.gathered],
+                "repeated": [s.attr for s in specs.repeated],
+                "own_weight_numel": [lay.weight.numel() for lay in shared],
+                "slot_weight_shape": list(storage.ring.slots[0]["weight"].shape),
+                "memory": {"slots": report.slots, "group": report.group_size,
+                           "gathered": report.gathered_bytes_per_layer,
+                           "shard": report.shard_bytes},
+                "calls": [list(lay.adaptive_calls) for lay in shared],
+                "gathers": storage.num_gathers,
+            }
+            storage.close()
+    return out

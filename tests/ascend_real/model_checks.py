@@ -256,9 +256,10 @@ def mla_forward_through_real_impl(rank: int, vllm_config: Any) -> dict:
     out["series"] = {}
     for name in ("ours", "slice"):
         series = models[name].flashcomm2.series
+        storage = models[name].flashcomm2.storage
         out["series"][name] = {
-            "layers": len(series.layers), "waits": series.num_waits,
-            "broadcasts": series.num_broadcasts,
+            "storage": storage, "layers": len(series.layers), "waits": series.num_waits,
+            "transfers": series.num_gathers if storage == "tp_shard" else series.num_broadcasts,
             "row_parallel_calls": sum(l.self_attn.o_proj.adaptive_calls[1]
                                       for l in models[name].model.layers)}
     out["slice_classes"] = sorted({_qualname(l.self_attn.o_proj.resident_slice)

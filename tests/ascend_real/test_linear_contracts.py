@@ -139,3 +139,37 @@ def test_oshared_over_the_real_w8a8_static_method(world):
                 assert lay["state"]["weight"] == ("param", "torch.int8", ("K", "h"))
                 assert lay["state"]["aclnn_input_offset"][0] == "attribute"
                 assert lay["attributes_match_alone"]
+
+
+def test_tp_shard_oshared_over_the_real_w8a8_methods(world):
+    """TP-shard storage on 2 and 4 ranks (k = 1, 2): every rank keeps the real
+    AscendRowParallelLinear shard, FlashComm2's weight is all-gathered as the
+    real method declares, and the outputs equal FlashComm2 without o_shared
+    exactly; small steps run the shard and equal plain TP."""
+    ranks, ks = world
+    P = len(ranks)
+    for k in ks:
+        for r in result(ranks, f"tp-shard o_shared k={k}"):
+            assert r["declared_by"] == {
+                "unquantized": "AscendUnquantizedLinearMethod.tp_weight_gather_specs "
+                               "(vllm-ascend)",
+                "W8A8": "AscendW8A8LinearMethod.tp_weight_gather_specs (vllm-ascend)",
+                "W8A8_DYNAMIC": "AscendW8A8DynamicLinearMethod.tp_weight_gather_specs "
+                                "(vllm-ascend)"}, r["declared_by"]
+            for scheme in ("W8A8", "W8A8_DYNAMIC"):
+                got = r[scheme]
+                assert got["max_gap"] == 0.0, (scheme, k, got)
+                assert got["small_max_gap"] == 0.0, (scheme, k, got)
+                assert got["gathered"] == ["weight"]
+                assert got["repeated"] == ([
+                    "aclnn_input_scale", "aclnn_input_scale_reciprocal", "aclnn_input_offset"]
+                    if scheme == "W8A8" else [])
+                assert got["routes"] == (["ascend-static"] if scheme == "W8A8" else ["None"])
+                # nothing of FlashComm2's own: the layer's weight is the slot
+                D = P // k
+                assert got["slot_weight_shape"] == [L.A // k, L.H]  # [K, N] int8, transposed
+                assert got["memory"]["group"] == D and got["memory"]["slots"] == 1
+                assert got["memory"]["gathered"] == (L.A // k) * L.H
+                # two passes, each one large step per layer (9 tokens)
+                assert all(c == [2, 2] for c in got["calls"]), got["calls"]
+                assert got["gathers"] == 1 + 2 * 4

@@ -84,32 +84,51 @@ def test_real_mla_impl_forward_runs_our_o_proj_with_is_prefill(two_rank_world):
         for batch, b in r["batches"].items():
             assert b["gap"] <= 1e-5 * b["scale"], (batch, b)
             assert b["vs_math"] <= 1e-4 * b["scale"], (batch, b)
-        # threshold 0: o_shared's ring ran, one wait per layer and batch
+        # TP-shard storage (auto: one replica) over AscendUnquantizedLinearMethod's
+        # own declaration; threshold 0: the ring ran, one wait and one
+        # all-gather per layer and batch (plus the initial fill of slot 0)
+        assert r["series"]["ours"]["storage"] == "tp_shard"
         assert r["series"]["ours"]["layers"] == NUM_HIDDEN
         assert r["series"]["ours"]["waits"] == NUM_HIDDEN * len(BATCHES)
+        assert r["series"]["ours"]["transfers"] == NUM_HIDDEN * len(BATCHES) + 1
         # default threshold: these small batches ran the resident slice,
         # vllm-ascend's own row-parallel layer, and never touched the ring
         assert r["slice_classes"] == [ASCEND_ROW]
         assert r["series"]["slice"]["waits"] == 0
+        assert r["series"]["slice"]["transfers"] == 1  # the initial fill only
         assert r["series"]["slice"]["row_parallel_calls"] == NUM_HIDDEN * len(BATCHES)
 
 
-def test_oshared_under_vllm_ascends_graph_mode_is_refused(tmp_path):
-    """Contract 5: vllm-ascend's platform turns graph capture on by default;
-    o_shared is refused naming the mode it chose, FlashComm2 alone is not."""
+def test_oshared_under_vllm_ascends_graph_mode_captures_only_small_steps(tmp_path):
+    """Contract 5: vllm-ascend's platform turns graph capture on by default.
+    o_shared accepts it while every captured batch size is at or below the
+    adaptive threshold (those steps run plain TP from the shard, with no ring
+    operation), and refuses it, naming the sizes, where one is above."""
     import pytest
 
     from tests.ascend_real.configs import FLAGS, engine_config, tiny_config_dir
-    from vllm_ascend_ext.config import FlashComm2ConfigError, get_flashcomm2_config
+    from tests.ascend_real.model_checks import fresh
+    from vllm_ascend_ext.config import (
+        DEFAULT_ADAPTIVE_TOKENS,
+        FlashComm2ConfigError,
+        get_flashcomm2_config,
+        graph_capture_sizes,
+    )
 
     cfg = engine_config(tiny_config_dir("Qwen3ForCausalLM", tmp_path), 2,
                         additional_config=FLAGS, enforce_eager=False)
     mode = cfg.compilation_config.cudagraph_mode.name
-    assert mode != "NONE"
-    with pytest.raises(FlashComm2ConfigError, match=rf"cudagraph_mode={mode}\b.*--enforce-eager"):
-        get_flashcomm2_config(cfg)
-    from tests.ascend_real.model_checks import fresh
-
+    sizes = graph_capture_sizes(cfg)
+    assert mode != "NONE" and sizes, (mode, sizes)
+    assert max(sizes) <= DEFAULT_ADAPTIVE_TOKENS, sizes  # vllm-ascend's decode graphs
+    assert get_flashcomm2_config(cfg).oshared
+    low = fresh(cfg)
+    low.additional_config = {**FLAGS, "flashcomm2_adaptive_tokens": max(sizes) - 1}
+    with pytest.raises(FlashComm2ConfigError,
+                       match=rf"cudagraph_mode={mode}\b.*capture sizes \[{max(sizes)}\] exceed "
+                             r".*--enforce-eager"):
+        get_flashcomm2_config(low)
     fc2_only = fresh(cfg)
-    fc2_only.additional_config = {"enable_flashcomm2_parallel_size": 1}
+    fc2_only.additional_config = {"enable_flashcomm2_parallel_size": 1,
+                                  "flashcomm2_adaptive_tokens": 0}
     assert get_flashcomm2_config(fc2_only).parallel_size == 1

@@ -87,3 +87,4 @@ def _linear_checks(results: dict, rank: int, P: int, ks: tuple[int, ...]) -> Non
     _run(results, "adaptive small side", lc.adaptive_small_side, rank, P, ks)
     for k in ks:
         _run(results, f"o_shared k={k}", lc.oshared_over_real_w8a8, rank, P, k)
+        _run(results, f"tp-shard o_shared k={k}", lc.tp_shard_over_real_methods, rank, P, k)

@@ -41,10 +41,13 @@ from vllm_ascend_ext.tools.local_server import VllmServer, process_group_alive
 MOE_ARCH = "DeepseekV3ForCausalLM"
 DENSE_ARCH = "Qwen3ForCausalLM"
 OSHARED = flashcomm2_flags(1, oshared=True)
-# MoE: the adaptive switch on, so prefill steps run FlashComm2 and decode
-# steps plain TP's resident slices, while the idle replica's 1-token dummy
-# batches follow the busy replica's side (the largest batch across DP).
-MOE_OSHARED = flashcomm2_flags(1, oshared=True, adaptive=8)
+# MoE with the threshold at 0 (a prefill-only instance): the one case where
+# o_shared keeps round-robin storage, because its group spans both replicas
+# and holds 1/4 of each o_proj where TP shards would hold 1/2. Every step runs
+# FlashComm2, the idle replica's 1-token dummy batches included, so every
+# step broadcasts across the replicas in lockstep. (The adaptive switch's
+# DP-wide side choice is checked on gloo: tests/test_resident_slice.py.)
+MOE_OSHARED = flashcomm2_flags(1, oshared=True, adaptive=0)
 BURST = 8
 
 
@@ -89,6 +92,12 @@ def _layers_held(log: str, ranks: int) -> list[tuple[int, int]]:
         rf"layers \(0\.\.4\) over {ranks} ranks.*?\((\d+) owned \+ (\d+) slots\)", log))
 
 
+def _tp_shard_held(log: str) -> list[tuple[int, int]]:
+    """(layers, ring slots) of every worker's TP-shard storage report."""
+    return sorted((int(n), int(s)) for n, s in re.findall(
+        r"TP-shard storage, (\d+) layers \(0\.\.4\).*?\+ (\d+) ring slot", log))
+
+
 def _check_against(ref: list[dict], run: DPServeRun, label: str) -> float:
     worst = 0.0
     for rep, outs in run.by_replica.items():
@@ -110,8 +119,11 @@ def test_moe_dp2_flags_off_matches_dp1(engines, dp_runs):
 
 def test_moe_dp2_oshared_spans_replicas_and_matches_flags_off(engines, dp_runs):
     run = dp_runs(MOE_ARCH, MOE_OSHARED)
-    # One o_shared group of 4 ranks across both replicas, reported by each rank.
+    # One o_shared group of 4 ranks across both replicas, reported by each rank,
+    # stored round-robin (auto: the group spans DP and the threshold is 0).
     assert run.log.count("o_shared [0, 1, 2, 3] (spans 2 DP replicas in lockstep)") == 4
+    assert run.log.count("o_shared storage: round_robin (the o_shared group (4 ranks) "
+                         "spans DP replicas") == 4
     # Memory: 5 hidden layers over 4 ranks -> rank 0 owns 2 (layers 0 and 4),
     # the others 1; each receives into one ring slot. Replicated would be 5.
     held = _layers_held(run.log, 4)
@@ -132,7 +144,7 @@ def test_dense_dp2_oshared_stays_in_replica_without_hang(engines, dp_runs):
     # Each replica is its own 2-rank world with its own o_shared group.
     assert "spans 2 DP replicas" not in run.log
     assert run.log.count("o_shared [0, 1]") == 4
-    held = _layers_held(run.log, 2)
-    assert held == [(2, 1), (2, 1), (3, 1), (3, 1)], held  # two replicas x two ranks
+    # TP shards inside each replica: every worker holds plain TP's 5 layers + 1 slot.
+    assert _tp_shard_held(run.log) == [(5, 1)] * 4, _tp_shard_held(run.log)
     worst = _check_against(engines.run(DENSE_ARCH, tp=2).outputs, run, "DP2xTP2 o_shared")
     print(f"\n{DENSE_ARCH} DP2xTP2 o_shared vs DP1 TP2: max prompt-logprob gap {worst:.2e}")

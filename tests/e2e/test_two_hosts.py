@@ -195,11 +195,11 @@ def test_two_host_oshared_matches_plain_tp(arch, tiny_model, hosts, engines):
     for text in logs + plain_logs:
         # Both hosts checked each other's settings, and really were two nodes.
         assert AGREED in text and "on 2 host(s)" in text
-    # The o_shared group is the TP group across the hosts: each host's rank
-    # reports its share of the 5 layers (3 on rank 0, 2 on rank 1) + 1 slot.
+    # The o_shared group is the TP group across the hosts, on TP shards: each
+    # host's rank holds plain TP's 5 layers + 1 slot, gathered over the link.
     assert "o_shared [0, 1]" in logs[0] and "o_shared [0, 1]" in logs[1]
-    held = sorted(re.findall(r"over 2 ranks.*?\((\d+) owned \+ (\d+) slots\)", "".join(logs)))
-    assert held == [("2", "1"), ("3", "1")], held
+    held = re.findall(r"TP-shard storage, (\d+) layers .*?\+ (\d+) ring slot", "".join(logs))
+    assert held == [("5", "1"), ("5", "1")], held
     if lose:
         plain_loss, our_loss = HOST_LOSS["plain TP"], HOST_LOSS["FlashComm2 + o_shared"]
         # Neither head keeps answering without its TP peer, and ours stops the

@@ -22,8 +22,9 @@ Rules, per checkpoint and path, all engines bf16:
   the same, exactly: quantizing before the exchange rounds like quantizing
   after it (``ops/int8_all_to_all.py``);
 - greedy continuations by the harness rule against plain TP2;
-- o_proj bytes read from the workers: the owned int8 layers plus ring slots,
-  scales included.
+- o_proj bytes read from the workers: plain TP's int8 shards plus the ring
+  slots on the oneDNN path (TP-shard storage), the owned int8 layers plus ring
+  slots on the AMX path (round-robin), scales included.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ FLOOR_SANITY = 3.0
 # One o_proj layer: int8 [K=256, N=256] + fp32 per-channel scale [256], and for
 # a static scheme the scalar input scale (64-byte aligned in the packed slot).
 INT8_OPROJ_BYTES = {"dynamic": 256 * 256 + 256 * 4, "static": 256 * 256 + 256 * 4 + 64}
+#: One layer's TP2 shard: half the int8 weight, the fp32 per-channel scale and
+#: (static) the fp32 input scale.
+TP_SHARD_INT8_BYTES = {"dynamic": 256 * 128 + 256 * 4, "static": 256 * 128 + 256 * 4 + 4}
 
 VARIANTS = {
     "FC2 k=1": flashcomm2_flags(1),
@@ -158,13 +162,25 @@ def test_w8a8_flashcomm2_and_oshared_match_plain_tp(arch, activations, path, eng
         for worker in got.rpc[MEMORY_RPC]:
             assert worker["o_proj_classes"] == ["FlashComm2RowParallelLinear"], worker
             rep = worker["series_report"]
+            if int8_route:
+                # TP shards: vLLM's int8 shard of every layer (kept a plain int8
+                # tensor) plus one gathered int8 weight per slot; the scales
+                # stay the shard's own.
+                assert worker["oshared_storage"] == "tp_shard", worker
+                assert rep["gathered_bytes_per_layer"] == 256 * 256, rep
+                assert rep["slot_bytes"] == rep["slots"] * 256 * 256, rep
+                assert rep["shard_bytes"] == 5 * TP_SHARD_INT8_BYTES[activations], rep
+                assert worker["o_proj_total_bytes"] == rep["shard_bytes"] + rep["slot_bytes"]
+                continue
+            # AMX's VNNI-packed weight declares nothing to gather: round-robin.
+            assert worker["oshared_storage"] == "round_robin", worker
             assert rep["resident_bytes"] == (rep["owned_layers"] + rep["slots"]) * \
                 rep["per_layer_bytes"], rep
             assert worker["o_proj_storage_bytes"] == rep["resident_bytes"], worker
-            if path == FORCED_NO_AMX or not cpu_has_amx():
-                assert rep["per_layer_bytes"] == INT8_OPROJ_BYTES[activations], rep
-            else:  # VNNI-packed int8 plus scales: int8-sized, not bf16-sized
-                assert INT8_OPROJ_BYTES["dynamic"] <= rep["per_layer_bytes"] < 2 * 256 * 256, rep
-        assert sorted(w["series_report"]["owned_layers"] for w in got.rpc[MEMORY_RPC]) == [2, 3]
+            # VNNI-packed int8 plus scales: int8-sized, not bf16-sized
+            assert INT8_OPROJ_BYTES["dynamic"] <= rep["per_layer_bytes"] < 2 * 256 * 256, rep
+        if not int8_route:
+            assert sorted(w["series_report"]["owned_layers"]
+                          for w in got.rpc[MEMORY_RPC]) == [2, 3]
     print(f"\n{arch} W8A8 {activations} bf16 ({path}): floor TP1-TP2 {floor:.3e}, FC2 vs TP2 {gap:.3e}, "
           "o_shared vs FC2 0.0, int8 vs bf16 all-to-all 0.0")

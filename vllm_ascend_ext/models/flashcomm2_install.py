@@ -39,7 +39,11 @@ class FlashComm2ModelState:
 
     config: object  # FlashComm2Config
     o_proj_prefixes: list[str] = field(default_factory=list)
-    series: object | None = None  # SharedWeightSeries when o_shared is on
+    #: o_shared's store when it is on: a TPShardStorage or a SharedWeightSeries.
+    series: object | None = None
+    #: oshared_storage.TP_SHARD or ROUND_ROBIN (None with o_shared off), and why.
+    storage: str | None = None
+    storage_reason: str = ""
     closed: bool = False
 
     def close(self) -> None:
@@ -197,18 +201,15 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
     init_flashcomm2_groups(cfg, dp_lockstep=dp_lockstep)
     hf_config = vllm_config.model_config.hf_text_config
     state = FlashComm2ModelState(config=cfg)
-    if cfg.oshared:
-        from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
+    sites = list(_o_proj_sites(model, hf_config.num_hidden_layers))
+    if cfg.oshared and sites:
+        _create_oshared_store(state, cfg, sites[0][2],
+                              f"o_proj.pp{get_pp_group().rank_in_group}.{next(_series_ids)}")
 
-        state.series = SharedWeightSeries(
-            name=f"o_proj.pp{get_pp_group().rank_in_group}.{next(_series_ids)}",
-            group=get_flashcomm2_oshared_group(),
-            prefetch_step=cfg.prefetch_step,
-        )
+    from vllm_ascend_ext.ops.tp_shard.storage import TPShardStorage
 
     replaced: dict[str, weakref.ref] = {}
     kept_by: dict[str, nn.Module] = {}
-    sites = list(_o_proj_sites(model, hf_config.num_hidden_layers))
     while sites:
         # Popped, not iterated: each old o_proj is freed as soon as it is
         # replaced, and none is still held when check_no_stale_o_proj runs.
@@ -216,7 +217,10 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
         new = flashcomm2_o_proj_for(old, cfg, name)
         if replace_module(model, old, new) == 0:
             raise RuntimeError(f"could not place the FlashComm2 o_proj at {name}")
-        if state.series is not None:
+        if isinstance(state.series, TPShardStorage):
+            state.series.add_layer(new, old, layer_idx)
+            kept_by[name] = new
+        elif state.series is not None:
             # Registered right away, so a non-owned layer's full weight is
             # released before the next layer's is allocated.
             join_series(new, old, cfg, state.series, layer_idx, dp_lockstep)
@@ -235,12 +239,56 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
     logger.info(
         "[vllm_ascend_ext] FlashComm2 o_proj installed on %d layers (o_proj TP size %d, "
         "o_shared %s, prefetch step %d, plain row-parallel at <= %d tokens%s)",
-        len(state.o_proj_prefixes), cfg.parallel_size, "on" if cfg.oshared else "off",
+        len(state.o_proj_prefixes), cfg.parallel_size,
+        f"on, {state.storage} storage" if state.storage else "off",
         cfg.prefetch_step, cfg.adaptive_tokens,
         f"; resident row-parallel slices on {len(kept_by)} layers: small passes move no "
         "o_shared bytes" if kept_by else "",
     )
     return state
+
+
+def _create_oshared_store(state: FlashComm2ModelState, cfg, first_o_proj: nn.Module,
+                          name: str) -> None:
+    """Choose o_shared's storage (``oshared_storage.choose_storage``) from the
+    layout and the first o_proj's quant method, and create its store."""
+    from vllm.distributed import get_tp_group
+
+    from vllm_ascend_ext.config import FlashComm2ConfigError
+    from vllm_ascend_ext.distributed.parallel_state import (
+        get_flashcomm2_odp_group,
+        get_flashcomm2_oshared_group,
+    )
+    from vllm_ascend_ext.oshared_storage import TP_SHARD, choose_storage
+    from vllm_ascend_ext.ops.tp_shard.specs import shard_specs_for
+
+    specs = shard_specs_for(first_o_proj)
+    method = first_o_proj.quant_method
+    method_name = type(getattr(method, "quant_method", None) or method).__name__
+    oshared_group = get_flashcomm2_oshared_group()
+    try:
+        choice = choose_storage(
+            cfg.oshared_storage, adaptive_tokens=cfg.adaptive_tokens,
+            oshared_group_size=oshared_group.world_size,
+            tp_size=get_tp_group().world_size,
+            gather_spec=None if specs is None else specs.declared_by,
+            quant_method=method_name)
+    except ValueError as e:
+        label = cfg.labels.get("oshared_storage", "oshared_storage")
+        raise FlashComm2ConfigError(
+            f"{label}={cfg.raw_values.get('oshared_storage', cfg.oshared_storage)!r} is "
+            f"invalid: {e}; use round_robin or auto") from None
+    state.storage, state.storage_reason = choice.storage, choice.reason
+    logger.info("o_shared storage: %s (%s)", choice.storage, choice.reason)
+    if choice.storage == TP_SHARD:
+        from vllm_ascend_ext.ops.tp_shard.storage import TPShardStorage
+
+        state.series = TPShardStorage(name, get_flashcomm2_odp_group(), cfg.prefetch_step, specs)
+    else:
+        from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
+
+        state.series = SharedWeightSeries(name=name, group=oshared_group,
+                                          prefetch_step=cfg.prefetch_step)
 
 
 def flashcomm2_o_proj_for(old: nn.Module, cfg, name: str) -> nn.Module:

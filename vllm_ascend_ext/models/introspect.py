@@ -24,6 +24,7 @@ def oproj_memory(worker) -> dict:
     hf_config = model.config if hasattr(model, "config") else None
     num_hidden = getattr(hf_config, "num_hidden_layers", 1 << 30)
     storages: dict[int, int] = {}
+    all_storages: dict[int, int] = {}
     classes: set[str] = set()
     layers = 0
     # Per o_proj: the route of its int8 all-to-all, "off" where it sends the
@@ -58,6 +59,13 @@ def oproj_memory(worker) -> dict:
             st = t.untyped_storage()
             if st.nbytes():
                 storages[st.data_ptr()] = st.nbytes()
+        # Everything the layer holds, its slice included (a oneDNN handle shows
+        # no storage, so this is exact only where the slice stays a tensor:
+        # TP-shard storage).
+        for t in list(module.parameters()) + list(module.buffers()):
+            st = t.untyped_storage()
+            if st.nbytes():
+                all_storages[st.data_ptr()] = st.nbytes()
     # Attention impls that keep a private o_proj (vllm-ascend's AscendMLAImpl):
     # each must hold one of the model's live o_proj modules.
     live = {id(m) for name, m in model.named_modules() if name.endswith("self_attn.o_proj")}
@@ -69,7 +77,8 @@ def oproj_memory(worker) -> dict:
         if held is not None:
             impl_classes.append(type(held).__name__)
             impl_stale += id(held) not in live
-    series = getattr(getattr(model, "flashcomm2", None), "series", None)
+    state = getattr(model, "flashcomm2", None)
+    series = getattr(state, "series", None)
     # A speculative draft (DeepSeek's MTP layer) is a model of its own, built
     # by vLLM's proposer: it must keep vLLM's o_proj and stay out of the series.
     draft = getattr(getattr(worker.model_runner, "drafter", None), "model", None)
@@ -84,6 +93,8 @@ def oproj_memory(worker) -> dict:
         "impl_o_proj_stale": impl_stale,
         "o_proj_layers": layers,
         "o_proj_storage_bytes": sum(storages.values()),
+        "o_proj_total_bytes": sum(all_storages.values()),
+        "oshared_storage": getattr(state, "storage", None),
         "o_proj_resident_slice_bytes": slice_bytes,
         "o_proj_classes": sorted(classes),
         "int8_all_to_all_routes": sorted(set(a2a_routes)),

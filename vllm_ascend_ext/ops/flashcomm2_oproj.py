@@ -64,6 +64,9 @@ from vllm_ascend_ext.ops.int8_all_to_all import (
 )
 from vllm_ascend_ext.ops.quant_terms import apply_linear
 
+#: ops/tp_shard/storage.py binds a layer's OTP view under this name.
+OTP_VIEW_ATTR = "tp_shard_otp_view"
+
 __all__ = ["FlashComm2RowParallelLinear"]
 
 
@@ -282,11 +285,13 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         rank's token block with ``sp``) and the bias for skip_bias_add callers."""
         a_local = self.input_size_per_tp_rank
         P, k, D = self.flashcomm2_tp_size, self.otp_size, self.odp_size
-        # (1) No branch on the pad amount: under torch.compile the token count
-        # is symbolic and a branch would specialise the graph on T % P.
+        # (1) Traced, no branch on the pad amount: the token count is symbolic
+        # and a branch would specialise the graph on T % P (inductor fuses the
+        # pad). Eager (o_shared, Ascend, the adaptive op), no copy when T % P == 0.
         num_tokens = x.shape[0]
         padded = padded_token_count(num_tokens, P)
-        x = F.pad(x, (0, 0, 0, padded - num_tokens))
+        if torch.compiler.is_compiling() or padded != num_tokens:
+            x = F.pad(x, (0, 0, 0, padded - num_tokens))
         chunk_rows = padded // P * k
 
         # (2)+(3): chunk i -> ODP rank i; back: D chunks of [k*blk, a/P].
@@ -295,7 +300,9 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         int8_in = self.int8_input()
         # A static input scale is one of the layer's processed tensors, so
         # under o_shared it arrives with the weight: wait before quantizing.
-        wait_early = series is not None and int8_in is not None and not int8_in.per_token
+        # Round-robin o_shared keeps the whole processed layer in the ring slot.
+        whole_layer_in_ring = series is not None and series.holds_whole_layer
+        wait_early = whole_layer_in_ring and int8_in is not None and not int8_in.per_token
         if wait_early:
             series.wait(self, send)
         x_scale = None
@@ -313,16 +320,17 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         if series is not None:
             if not wait_early:
                 series.wait(self, x_shard)
-            if bias is not None:
-                # o_shared keeps the bias in the same ring slot as the weight:
-                # the prefetch below overwrites it, so keep a private copy for
+            if bias is not None and whole_layer_in_ring:
+                # The bias sits in the same ring slot as the weight: the
+                # prefetch below overwrites it, so keep a private copy for
                 # the add after the reduction and for skip_bias_add callers.
                 bias = bias.clone()
         # Rank-dependent terms (vllm-ascend's quant_bias) once per output sum.
+        weights = self.matmul_layer
         if int8_in is None:
-            out = apply_linear(self, x_shard, bias if fuse_bias else None)
+            out = apply_linear(weights, x_shard, bias if fuse_bias else None)
         else:
-            out = int8_in.matmul(self, x_shard, x_scale, bias if fuse_bias else None,
+            out = int8_in.matmul(weights, x_shard, x_scale, bias if fuse_bias else None,
                                  x.dtype)
         if series is not None:
             series.prefetch_after(self, out)
@@ -342,6 +350,12 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         """The small-batch side of adaptive FlashComm2 (``ops/adaptive_oproj.py``)."""
         return row_parallel_forward(self, x, sp)
 
+    @property
+    def matmul_layer(self) -> LinearBase:
+        """The module FlashComm2's matmul runs: this layer, or under o_shared's
+        TP-shard storage the OTP view of its slice (``ops/tp_shard/storage.py``)."""
+        return self.__dict__.get(OTP_VIEW_ATTR, self)
+
     def int8_input(self) -> Int8Input | None:
         """The int8 route the all-to-all takes, or None (activation dtype).
 
@@ -353,7 +367,7 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
             return None  # no all-to-all to shrink
         if "_int8_input" in self.__dict__:
             return self.__dict__["_int8_input"]
-        route = int8_input_of(self)
+        route = int8_input_of(self.matmul_layer)
         if not torch.compiler.is_compiling():
             self.__dict__["_int8_input"] = route
         return route
@@ -365,7 +379,7 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         this rank gets back (its own chunk ``i``: every peer's chunk ``i``
         holds the same tokens)."""
         if not int8_in.per_token:
-            return int8_in.quantize_static(self, send), None
+            return int8_in.quantize_static(self.matmul_layer, send), None
         # The matmul's scale is a token's absmax over all a/k columns it
         # multiplies; the ODP peers hold those columns between them.
         absmax = all_reduce_max(per_token_absmax(send), self.flashcomm2_odp_group)

@@ -65,6 +65,9 @@ class SharedWeightSeries:
     :meth:`close`.
     """
 
+    #: A slot holds every processed tensor of a layer (bias and scales too).
+    holds_whole_layer = True
+
     def __init__(
         self,
         name: str,

@@ -14,6 +14,7 @@ import json
 import sys
 from typing import Any
 
+from vllm_ascend_ext.oshared_storage import STORAGES
 from vllm_ascend_ext.tools.planner import model as planner_model
 from vllm_ascend_ext.tools.planner.errors import PlanError
 from vllm_ascend_ext.tools.planner.link_model import LinkModel
@@ -153,8 +154,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ap.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS),
                     help="tokens per step to tabulate traffic and predicted ratios for")
     ap.add_argument("--adaptive-tokens", type=int, default=PlanInputs.adaptive_tokens,
-                    help="adaptive FlashComm2 threshold (0 = off); on, o_shared also keeps "
-                         "plain TP's slice of every layer")
+                    help="adaptive FlashComm2 threshold (0 = off): steps of at most this "
+                         "many tokens run plain TP")
+    ap.add_argument("--storage", choices=STORAGES, default=PlanInputs.storage,
+                    help="o_shared's storage, as VLLM_ASCEND_FLASHCOMM2_OSHARED_STORAGE: "
+                         "auto (the plugin's choice), tp_shard or round_robin")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     ap.set_defaults(func=run)
     return ap
@@ -169,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
             act_dtype=args.act_dtype, int8_all_to_all=args.int8_all_to_all,
             link_gbps=args.link_gbps,
             latency_us=args.latency_us, layer_compute_us=args.layer_compute_us,
-            compute_us_per_token=args.compute_us_per_token, tokens=tuple(args.tokens), adaptive_tokens=args.adaptive_tokens,
+            compute_us_per_token=args.compute_us_per_token, tokens=tuple(args.tokens),
+            adaptive_tokens=args.adaptive_tokens, storage=args.storage,
         )
         p = plan(shape, x)
     except PlanError as e:

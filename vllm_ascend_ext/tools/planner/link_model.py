@@ -1,7 +1,7 @@
 """A link between ranks: what a collective or a broadcast of some bytes costs.
 
-The one timing rule the capacity planner (whether a broadcast hides behind
-compute) and the step model (throughput of each configuration) share: a
+The one timing rule the capacity planner (whether o_shared's transfer hides
+behind compute) and the step model (throughput of each configuration) share: a
 collective costs its bytes per rank over the rate plus a fixed latency.
 """
 
@@ -35,6 +35,13 @@ class LinkModel:
     def collectives_s(self, bytes_per_rank: float, count: int) -> float:
         """``count`` collectives moving ``bytes_per_rank`` in all (ranks send concurrently)."""
         return self.transfer_s(bytes_per_rank) + count * self.latency_s
+
+    def all_gather_s(self, nbytes: float, group_size: int) -> float:
+        """One all-gather that leaves ``nbytes`` on every rank of a group: each
+        rank sends and receives ``(n-1)/n`` of it at once (full duplex), and
+        the part not hidden behind compute adds to the step."""
+        share = nbytes * (group_size - 1) / group_size
+        return self.latency_s + (1 - self.hidden) * self.transfer_s(share)
 
     def broadcast_s(self, nbytes: float, group_size: int) -> float:
         """One broadcast of ``nbytes`` to a group: latency plus the part of the

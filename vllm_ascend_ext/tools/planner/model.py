@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vllm_ascend_ext.config import DEFAULT_ADAPTIVE_TOKENS
+from vllm_ascend_ext.oshared_storage import AUTO, STORAGES, TP_SHARD, choose_storage
 from vllm_ascend_ext.ops.shared_weight.ring_index import owner_of_layer_idx, slots_needed
 from vllm_ascend_ext.pipeline_stages import pp_stage_ranges
 from vllm_ascend_ext.tools.planner.errors import PlanError
@@ -92,6 +93,10 @@ class PlanInputs:
     # adaptive FlashComm2's threshold (0 = off): with it on, o_shared keeps
     # plain TP's slice of every layer resident for the small passes
     adaptive_tokens: int = DEFAULT_ADAPTIVE_TOKENS
+    # o_shared's storage setting (oshared_storage.STORAGES): the planner assumes
+    # the quant method declares what to gather (every vLLM / vllm-ascend
+    # method this project covers does, see ops/tp_shard/specs.py)
+    storage: str = AUTO
 
 
 def owned_layers(start: int, num_layers: int, n: int, rank: int) -> int:
@@ -218,6 +223,8 @@ def validate(shape: ModelShape, x: PlanInputs) -> None:
     for name, v in (("--link-gbps", x.link_gbps), ("--layer-compute-us", x.layer_compute_us)):
         if v is not None and v <= 0:
             raise PlanError(f"{name} must be > 0, got {v}")
+    if x.storage not in STORAGES:
+        raise PlanError(f"--storage must be one of {list(STORAGES)}, got {x.storage!r}")
     if x.compute_us_per_token < 0:
         raise PlanError(f"--compute-us-per-token must be >= 0, got {x.compute_us_per_token}")
 
@@ -246,13 +253,29 @@ def plan(shape: ModelShape, x: PlanInputs) -> dict[str, Any]:
     stages = [stage_memory(i, st, L, n, s, W, plain_layer) for i, (st, L) in enumerate(stages_lr)]
     worst = max(stages, key=lambda st: st.ours_max_bytes)
 
+    # TP-shard storage: plain TP's shards plus the ring (one slot per prefetch
+    # step; step 0 gathers into one buffer), on the stage with most layers.
+    slots = max(s, 1)
+    tp_shard_bytes = max(L for _, L in stages_lr) * plain_layer + slots * W
+    slices = worst.plain_tp_bytes if x.adaptive_tokens else 0
+    round_robin_bytes = worst.ours_max_bytes + slices
+    choice = choose_storage(x.storage, adaptive_tokens=x.adaptive_tokens,
+                            oshared_group_size=n, tp_size=P,
+                            gather_spec="the quant method's declaration",
+                            quant_method="the o_proj's quant method")
+    tp_shard = choice.storage == TP_SHARD
+
     timing: dict[str, Any] | None = None
     if x.link_gbps is not None and x.layer_compute_us is not None:
         # Each receiver takes W in once (HCCL's pipelined ring).
         link = LinkModel(rate_bytes_per_s=x.link_gbps * 1e9 / 8, latency_s=x.latency_us * 1e-6,
                          broadcast="pipelined")
-        xfer = link.transfer_s(W) * 1e6
-        bcast = link.broadcast_s(W, n) * 1e6
+        if tp_shard:  # each rank receives (m-1)/m W of the all-gather
+            xfer = link.transfer_s((m - 1) * W / m) * 1e6
+            bcast = link.all_gather_s(W, m) * 1e6
+        else:
+            xfer = link.transfer_s(W) * 1e6
+            bcast = link.broadcast_s(W, n) * 1e6
         window = s * x.layer_compute_us
         throughput_ok = xfer <= x.layer_compute_us
         latency_ok = s > 0 and bcast <= window
@@ -282,16 +305,18 @@ def plan(shape: ModelShape, x: PlanInputs) -> dict[str, Any]:
         }
 
     comm = [comm_per_layer(shape, P, k, ab, t, x.int8_all_to_all) for t in x.tokens]
+    moved = (m - 1) * W / m if tp_shard else W
     for c in comm:
         c["oshared_broadcast"] = W
-        c["net_saved_with_oshared"] = c["fc2_saved_vs_tp"] - W
+        c["oshared_transfer"] = moved
+        c["net_saved_with_oshared"] = c["fc2_saved_vs_tp"] - moved
     per_token = saved_bytes_per_token(shape, P, k, ab, x.int8_all_to_all)
     # per-token, unpadded: (all-to-all + OTP reduce-scatter) / FC1 reduce-scatter
     a2a_b = ab if x.int8_all_to_all == "off" else DTYPE_BYTES["int8"]
     scales = 2 * (m - 1) / m * SCALE_BYTES if x.int8_all_to_all == "dynamic" else 0.0
     fc2_to_fc1 = (((m - 1) / m * (a / P) * a2a_b + scales + (k - 1) / P * h * ab)
                   / ((P - 1) / P * h * ab))
-    break_even = W / per_token if per_token > 0 else None
+    break_even = moved / per_token if per_token > 0 else None
 
     out = {
         "model": asdict(shape) | {"o_proj_in": a, "o_proj_shape": [a, h]},
@@ -315,11 +340,21 @@ def plan(shape: ModelShape, x: PlanInputs) -> dict[str, Any]:
             "upstream_bytes": worst.upstream_bytes,
             "floor_bytes": worst.floor_bytes,
             "saved_bytes": worst.replicated_bytes - worst.ours_max_bytes,
-            # what o_shared holds per rank as configured: the series, plus the
-            # resident row-parallel slices (L * a/P * h) when the switch is on
-            "resident_slice_bytes": worst.plain_tp_bytes if x.adaptive_tokens else 0,
-            "ours_total_bytes": worst.ours_max_bytes
-            + (worst.plain_tp_bytes if x.adaptive_tokens else 0),
+            # the two storages, per rank: round-robin = its ring plus the
+            # resident row-parallel slices (L * a/P * h) when the switch is
+            # on; TP shards = plain TP's o_proj plus one W per ring slot
+            "storage": choice.storage,
+            "storage_reason": choice.reason,
+            "round_robin_bytes": round_robin_bytes,
+            "tp_shard_bytes": tp_shard_bytes,
+            "resident_slice_bytes": worst.plain_tp_bytes if tp_shard else slices,
+            "ours_total_bytes": tp_shard_bytes if tp_shard else round_robin_bytes,
+            # what one rank receives per layer per FlashComm2 step: an
+            # all-gather over the ODP group (and sends as much at once), or a
+            # broadcast of a whole layer from its owner
+            "received_bytes_per_layer": (m - 1) * W // m if tp_shard else W,
+            "tp_shard_received_bytes_per_layer": (m - 1) * W // m,
+            "round_robin_received_bytes_per_layer": W,
             "stages": [asdict(st) for st in stages],
         },
         "timing": timing,

@@ -12,13 +12,16 @@ configuration          collectives per layer (dense decoder)
 plain TP               all-reduce after o_proj + all-reduce after the MLP
 FlashComm2 k           all-to-all + (k > 1: OTP reduce-scatter) + all-gather,
                        then the MLP's all-reduce
-+ o_shared             + one broadcast of ``W`` per layer, one after another
++ o_shared             TP-shard storage (the default): one all-gather of
+                       ``W`` per layer, each rank sending and receiving
+                       ``(P-1)/P W`` at once; round-robin storage: one
+                       broadcast of ``W`` per layer, one after another
                        (``(P-1) W`` from the owner on gloo, ``W`` per rank on
-                       a pipelined HCCL/NCCL ring), never hidden here (on 2
+                       a pipelined HCCL/NCCL ring). Never hidden here (on 2
                        CPU cores gloo has no core to overlap on; a real NPU
                        may hide it: ``hidden`` > 0)
 adaptive (+ o_shared)  steps of at most ``threshold`` tokens: plain TP's
-                       collectives, and (with resident slices) no broadcast
+                       collectives, and no o_shared transfer
 =====================  ======================================================
 
 plus one all-reduce per step for the vocabulary-parallel embedding.
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm_ascend_ext.oshared_storage import ROUND_ROBIN, TP_SHARD
 from vllm_ascend_ext.tools.planner.link_model import LinkModel
 from vllm_ascend_ext.tools.planner.model import comm_per_layer
 from vllm_ascend_ext.tools.planner.shapes import ModelShape
@@ -50,8 +54,9 @@ class OprojMode:
     """How a configuration runs the o_proj (FlashComm2 with k = 1)."""
 
     flashcomm2: bool = False
-    oshared: bool = False  # o_shared's broadcast per layer (needs flashcomm2)
+    oshared: bool = False  # o_shared's transfer per layer (needs flashcomm2)
     adaptive: bool = False  # steps of at most the threshold run plain TP
+    storage: str = TP_SHARD  # o_shared's storage (oshared_storage.py)
 
 
 PLAIN_TP = OprojMode()
@@ -106,12 +111,17 @@ def step_cost(shape: ModelShape, tp: int, tokens: int, mode: OprojMode, link: Li
     wire = per_rank * P
     if oshared and not small:
         W = shape.o_proj_in * shape.hidden_size * weight_bytes
-        # Each layer leaves its owner once for every other rank. The series
-        # broadcasts one layer at a time, so the broadcasts add up even
-        # though their owners differ: at P=2 each one uses one direction of
-        # the link while the other idles (measured on the two-host fixture).
-        wire += L * W * (P - 1)
-        seconds += L * link.broadcast_s(W, P)
+        if mode.storage == ROUND_ROBIN:
+            # Each layer leaves its owner once for every other rank. The series
+            # broadcasts one layer at a time, so the broadcasts add up even
+            # though their owners differ: at P=2 each one uses one direction of
+            # the link while the other idles (measured on the two-host fixture).
+            wire += L * W * (P - 1)
+            seconds += L * link.broadcast_s(W, P)
+        else:
+            # Every rank sends its shard to every other: (P-1)/P W each way.
+            wire += L * W * (P - 1)
+            seconds += L * link.all_gather_s(W, P)
         collectives += L
     return StepCost(seconds, wire, collectives)
 

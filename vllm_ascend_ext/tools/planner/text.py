@@ -15,12 +15,18 @@ def recommend(p: dict[str, Any]) -> list[str]:
     sentence per finding."""
     mem, lay, t, x = p["memory"], p["layout"], p["timing"], p["inputs"]
     n, W = lay["oshared_group_size"], lay["per_layer_bytes"]
+    other = "round_robin" if mem["storage"] == "tp_shard" else "tp_shard"
     lines = [
-        f"o_shared cuts o_proj memory per rank from {_gib(mem['replicated_bytes'])} "
-        f"(FlashComm2 alone) to {_gib(mem['ours_bytes'])}, saving "
-        f"{_gib(mem['saved_bytes'])} on the worst PP stage; upstream's ring would hold "
-        f"{_gib(mem['upstream_bytes'])}, the 1/{n} floor is {_gib(mem['floor_bytes'])} "
-        f"(plain TP without FlashComm2: {_gib(mem['plain_tp_bytes'])})."
+        f"o_shared storage: {mem['storage']} ({mem['storage_reason']}). It holds "
+        f"{_gib(mem['ours_total_bytes'])} of o_proj per rank on the worst PP stage, against "
+        f"{_gib(mem['replicated_bytes'])} for FlashComm2 alone, "
+        f"{_gib(mem[other + '_bytes'])} with {other} storage and "
+        f"{_gib(mem['plain_tp_bytes'])} for plain TP; upstream's ring would hold "
+        f"{_gib(mem['upstream_bytes'])}, the 1/{n} floor is {_gib(mem['floor_bytes'])}. "
+        f"Each FlashComm2 step moves {_mib(mem['received_bytes_per_layer'])} per layer into "
+        "each rank (" + ("an all-gather of the ODP group's shards, sending as much at once"
+                         if mem["storage"] == "tp_shard" else
+                         "a broadcast of the whole layer from its owner") + ")."
     ]
     if t is None:
         lines.append(
@@ -57,8 +63,9 @@ def recommend(p: dict[str, Any]) -> list[str]:
     else:
         lines.append(
             f"Per layer, FlashComm2 saves {p['fc2_saved_bytes_per_token']:.0f} bytes per token "
-            f"against plain TP; o_shared's {_mib(W)} broadcast equals that at about "
-            f"{be:,.0f} tokens per step. Below it (decode, small batches) the broadcast "
+            f"against plain TP; o_shared's {_mib(p['comm'][0]['oshared_transfer'])} per layer "
+            f"equals that at about "
+            f"{be:,.0f} tokens per step. Below it (decode, small batches) that transfer "
             "moves more bytes than FlashComm2 saves and pays only while it stays hidden "
             "behind compute; upstream also found FlashComm2 slows decode, so prefer it "
             "for prefill-heavy serving."
@@ -96,13 +103,17 @@ def format_text(p: dict[str, Any]) -> str:
         f"o_proj bytes per rank (worst PP stage: {mem['worst_stage']})",
         f"  plain TP (no FlashComm2)          {_gib(mem['plain_tp_bytes']):>12}",
         f"  FlashComm2, replicated            {_gib(mem['replicated_bytes']):>12}",
-        f"  o_shared, this ring (worst rank)  {_gib(mem['ours_bytes']):>12}",
+        f"  round-robin ring (worst rank)     {_gib(mem['ours_bytes']):>12}",
         f"  o_shared, upstream's ring         {_gib(mem['upstream_bytes']):>12}"
         "   (ceil(L/n)W + (s+1)W)",
         f"  floor L*W/n                       {_gib(mem['floor_bytes']):>12}",
-        f"  o_shared + resident slices        {_gib(mem['ours_total_bytes']):>12}"
-        + (f"   (adaptive at <= {x['adaptive_tokens']} tokens: small passes run plain "
-           "TP's slice, no broadcast)" if x["adaptive_tokens"] else "   (adaptive off)"),
+        f"  o_shared, round-robin storage     {_gib(mem['round_robin_bytes']):>12}"
+        + ("   (ring + plain TP's slices for the small steps)" if x["adaptive_tokens"]
+           else "   (adaptive off)"),
+        f"  o_shared, TP-shard storage        {_gib(mem['tp_shard_bytes']):>12}"
+        f"   (plain TP's shards + {max(x['prefetch_step'], 1)} ring slot(s))",
+        f"  o_shared as configured            {_gib(mem['ours_total_bytes']):>12}"
+        f"   ({mem['storage']})",
     ]
     for st in mem["stages"]:
         worst = max(st["ranks"], key=lambda r: r["resident_bytes"])
@@ -143,7 +154,7 @@ def format_text(p: dict[str, Any]) -> str:
                + (" (= a/(P*h))" if x["otp_size"] == 1 and x["int8_all_to_all"] == "off"
                   else ""))
     be = p["break_even_tokens"]
-    out.append("  break-even (o_shared broadcast = FC2 saving): "
+    out.append("  break-even (o_shared transfer = FC2 saving): "
                + (f"{be:,.0f} tokens" if be is not None else "never"))
     out += ["", "recommendation"] + [f"  - {line}" for line in recommend(p)]
     return "\n".join(out)
