@@ -85,7 +85,9 @@ def test_serve_with_oshared_flags_matches_plain_tp(arch, tiny_model, engines):
     print(f"\nserved o_shared vs offline plain TP2: max prompt-logprob gap {worst:.2e}")
     # The server really ran the feature and said so at start-up.
     assert "FlashComm2 o_proj installed on 5 layers" in log
-    assert "o_shared" in log and "replicated" in log and "floor" in log
+    # The storage and its bytes per rank: plain TP's shards plus the ring.
+    assert "o_shared storage: tp_shard" in log
+    assert "TP-shard storage, 5 layers (0..4)" in log and "plain TP's o_proj" in log
 
 
 @pytest.mark.vllm_range

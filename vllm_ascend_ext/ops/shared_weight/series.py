@@ -41,6 +41,7 @@ from vllm_ascend_ext.ops.shared_weight.registry import (
 )
 from vllm_ascend_ext.ops.shared_weight.report import SharedWeightMemoryReport
 from vllm_ascend_ext.ops.shared_weight.ring import SlotRing
+from vllm_ascend_ext.ops.ring_counters import ring_counter
 from vllm_ascend_ext.ops.shared_weight.ring_index import owner_of_layer_idx
 from vllm_ascend_ext.ops.slot_storage import (
     LayerState,
@@ -123,17 +124,9 @@ class SharedWeightSeries:
         """One processed layer's tensor layouts (every member has the same)."""
         return self._layouts
 
-    @property
-    def num_waits(self) -> int:
-        return self.ring.num_waits if self.ring is not None else 0
-
-    @property
-    def num_prefetches(self) -> int:
-        return self.ring.num_prefetches if self.ring is not None else 0
-
-    @property
-    def num_broadcasts(self) -> int:
-        return self.ring.num_broadcasts if self.ring is not None else 0
+    num_waits = ring_counter("num_waits")
+    num_prefetches = ring_counter("num_prefetches")
+    num_broadcasts = ring_counter("num_broadcasts")
 
     def owner_of_layer_idx(self, layer_idx: int) -> int:
         """Group rank that owns (stores and broadcasts) layer ``layer_idx``."""

@@ -39,6 +39,7 @@ from vllm_ascend_ext.custom_ops import register_custom_op
 from vllm_ascend_ext.logger import init_logger
 from vllm_ascend_ext.ops.flashcomm2_oproj import OTP_VIEW_ATTR
 from vllm_ascend_ext.ops.resident_slice import attach_resident_slice, resident_slice_of
+from vllm_ascend_ext.ops.ring_counters import ring_counter
 from vllm_ascend_ext.ops.tp_shard.ring import GatherRing, ShardSource
 from vllm_ascend_ext.ops.tp_shard.specs import ShardSpecs
 
@@ -215,18 +216,9 @@ class TPShardStorage:
         """The FlashComm2 layers in layer order."""
         return [self._by_idx[i] for i in sorted(self._by_idx)]
 
-    # what the hooks did (tests and benchmarks read them)
-    @property
-    def num_waits(self) -> int:
-        return self.ring.num_waits if self.ring is not None else 0
-
-    @property
-    def num_prefetches(self) -> int:
-        return self.ring.num_prefetches if self.ring is not None else 0
-
-    @property
-    def num_gathers(self) -> int:
-        return self.ring.num_gathers if self.ring is not None else 0
+    num_waits = ring_counter("num_waits")
+    num_prefetches = ring_counter("num_prefetches")
+    num_gathers = ring_counter("num_gathers")
 
     # -------------------------------------------------------------- report
 
