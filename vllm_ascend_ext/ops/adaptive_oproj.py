@@ -49,9 +49,15 @@ import torch.nn.functional as F
 
 from vllm_ascend_ext.custom_ops import register_custom_op
 from vllm_ascend_ext.ops.flashcomm2_plan import padded_token_count
+from vllm_ascend_ext.ops.resident_slice import (
+    RESIDENT_SLICE_ATTR,
+    resident_slice_of,
+    run_resident_slice,
+)
 
 __all__ = [
     "SMALL_SIDE_ROUTES",
+    "adaptive_oproj",
     "lookup_adaptive_layer",
     "register_adaptive_layer",
     "row_parallel_forward",
@@ -155,8 +161,6 @@ def _small_side(layer: Any) -> tuple[str, Any]:
 def small_side_route(layer: Any) -> str:
     """Which of :data:`SMALL_SIDE_ROUTES` ``layer``'s processed weight allows
     (``"resident slice"``: o_shared's plain-TP layer, ``ops/resident_slice.py``)."""
-    from vllm_ascend_ext.ops.resident_slice import resident_slice_of
-
     if resident_slice_of(layer) is not None:
         return RESIDENT_SLICE_ROUTE
     return _small_side(layer)[0]
@@ -165,9 +169,7 @@ def small_side_route(layer: Any) -> str:
 def row_parallel_forward(layer: Any, x: torch.Tensor, sp: bool) -> torch.Tensor:
     """``x`` ``[T, a/P]`` -> ``[T, h]`` (or this rank's padded token block with
     ``sp``), as a row-parallel linear over the TP group."""
-    from vllm_ascend_ext.ops.resident_slice import resident_slice_of, run_resident_slice
-
-    if resident_slice_of(layer) is not None:
+    if RESIDENT_SLICE_ATTR in layer._modules:
         # o_shared with a resident slice: plain TP's own layer; the ring is
         # not touched, so the pass moves no o_shared bytes.
         return run_resident_slice(layer, x, sp)
@@ -239,7 +241,13 @@ def switch_tokens(layer: Any, num_tokens: int) -> int:
 
 
 def _adaptive_oproj(x: torch.Tensor, layer_key: str, sequence_parallel: bool) -> torch.Tensor:
-    layer = lookup_adaptive_layer(layer_key)
+    return adaptive_oproj(lookup_adaptive_layer(layer_key), x, sequence_parallel)
+
+
+def adaptive_oproj(layer: Any, x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """The switch itself. Eager callers (o_shared's and Ascend's eager steps)
+    call it directly; traced code goes through the custom op, whose dispatch
+    costs more host time than the small side's whole Python path."""
     small = switch_tokens(layer, x.shape[0]) <= layer.adaptive_tokens
     layer.adaptive_calls[small] += 1  # introspection: which side ran how often
     if small:

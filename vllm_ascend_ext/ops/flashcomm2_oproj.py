@@ -53,7 +53,11 @@ from vllm_ascend_ext.distributed.communication import (
     all_to_all_dim0,
     reduce_scatter_dim0,
 )
-from vllm_ascend_ext.ops.adaptive_oproj import register_adaptive_layer, row_parallel_forward
+from vllm_ascend_ext.ops.adaptive_oproj import (
+    adaptive_oproj,
+    register_adaptive_layer,
+    row_parallel_forward,
+)
 from vllm_ascend_ext.ops.ascend_linear import platform_linear_method
 from vllm_ascend_ext.ops.flashcomm2_plan import padded_token_count, permute_blocks_for_all_to_all
 from vllm_ascend_ext.ops.int8_all_to_all import (
@@ -267,8 +271,11 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         if self.adaptive_tokens > 0:
             # The branch on the token count lives inside one custom op, so
             # torch.compile neither guards on it nor recompiles per side.
-            out = torch.ops.vllm_ascend_ext.flashcomm2_adaptive_oproj(
-                x, self.adaptive_op_key, sp)
+            if torch.compiler.is_compiling():
+                out = torch.ops.vllm_ascend_ext.flashcomm2_adaptive_oproj(
+                    x, self.adaptive_op_key, sp)
+            else:
+                out = adaptive_oproj(self, x, sp)
             bias = None  # skip_bias_add is refused with the switch (see __init__)
         else:
             out, bias = self.forward_flashcomm2(x, sp)
