@@ -16,6 +16,14 @@ def _model_of(worker):
     return runner.get_model() if hasattr(runner, "get_model") else runner.model
 
 
+def _add_storages(seen: dict[int, int], module, recurse: bool) -> None:
+    """Record each distinct storage behind ``module``'s tensors (pointer -> bytes)."""
+    for t in list(module.parameters(recurse=recurse)) + list(module.buffers(recurse=recurse)):
+        st = t.untyped_storage()
+        if st.nbytes():
+            seen[st.data_ptr()] = st.nbytes()
+
+
 def oproj_memory(worker) -> dict:
     from vllm.model_executor.layers.linear import LinearBase
     from vllm.model_executor.models.utils import extract_layer_index
@@ -54,18 +62,11 @@ def oproj_memory(worker) -> dict:
         from vllm_ascend_ext.ops.resident_slice import resident_slice_bytes
 
         slice_bytes += resident_slice_bytes(module)
-        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-        for t in tensors:
-            st = t.untyped_storage()
-            if st.nbytes():
-                storages[st.data_ptr()] = st.nbytes()
+        _add_storages(storages, module, recurse=False)
         # Everything the layer holds, its slice included (a oneDNN handle shows
         # no storage, so this is exact only where the slice stays a tensor:
         # TP-shard storage).
-        for t in list(module.parameters()) + list(module.buffers()):
-            st = t.untyped_storage()
-            if st.nbytes():
-                all_storages[st.data_ptr()] = st.nbytes()
+        _add_storages(all_storages, module, recurse=True)
     # Attention impls that keep a private o_proj (vllm-ascend's AscendMLAImpl):
     # each must hold one of the model's live o_proj modules.
     live = {id(m) for name, m in model.named_modules() if name.endswith("self_attn.o_proj")}

@@ -49,11 +49,7 @@ import torch.nn.functional as F
 
 from vllm_ascend_ext.custom_ops import register_custom_op
 from vllm_ascend_ext.ops.flashcomm2_plan import padded_token_count
-from vllm_ascend_ext.ops.resident_slice import (
-    RESIDENT_SLICE_ATTR,
-    resident_slice_of,
-    run_resident_slice,
-)
+from vllm_ascend_ext.ops.resident_slice import resident_slice_of, run_resident_slice
 
 __all__ = [
     "SMALL_SIDE_ROUTES",
@@ -169,7 +165,7 @@ def small_side_route(layer: Any) -> str:
 def row_parallel_forward(layer: Any, x: torch.Tensor, sp: bool) -> torch.Tensor:
     """``x`` ``[T, a/P]`` -> ``[T, h]`` (or this rank's padded token block with
     ``sp``), as a row-parallel linear over the TP group."""
-    if RESIDENT_SLICE_ATTR in layer._modules:
+    if resident_slice_of(layer) is not None:
         # o_shared with a resident slice: plain TP's own layer; the ring is
         # not touched, so the pass moves no o_shared bytes.
         return run_resident_slice(layer, x, sp)

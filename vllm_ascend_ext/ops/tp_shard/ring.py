@@ -23,7 +23,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vllm_ascend_ext.ops.shared_weight.ring_index import next_prefetch_position
+from vllm_ascend_ext.ops.shared_weight.ring_index import (
+    next_prefetch_position,
+    slot_of_position,
+)
 
 __all__ = ["GatherRing", "ShardSource", "allocate_like"]
 
@@ -72,9 +75,6 @@ class GatherRing:
 
     # ------------------------------------------------------------ set-up
 
-    def slot_of(self, position: int) -> int:
-        return position % self.prefetch_step if self.prefetch_step else 0
-
     def add_source(self, position: int, source: ShardSource) -> dict[str, torch.Tensor]:
         """Record ``position``'s shards; returns its slot's tensors. Positions
         ``< k`` are gathered into their slot at once (the initial fill)."""
@@ -83,7 +83,7 @@ class GatherRing:
                 self.slots.append({a: allocate_like(t, self.gathered_dims[a], self.world_size)
                                    for a, t in source.shards.items()})
         self.sources[position] = source
-        slot = self.slot_of(position)
+        slot = slot_of_position(position, self.prefetch_step)
         if position < self.prefetch_step:
             self._issue(position, slot, async_op=False)
             self.slot_position[slot] = position
@@ -104,7 +104,7 @@ class GatherRing:
     def wait(self, position: int) -> None:
         """Before ``position``'s matmul: its gathered weights are in its slot."""
         self.num_waits += 1
-        slot = self.slot_of(position)
+        slot = slot_of_position(position, self.prefetch_step)
         if self.prefetch_step == 0:
             if self.slot_position[0] != position:
                 self._issue(position, 0, async_op=False)
@@ -129,7 +129,7 @@ class GatherRing:
         nxt = next_prefetch_position(position, self.prefetch_step, self.num_layers)
         if nxt == position:
             return  # the slot's only user: it already holds the right weights
-        slot = self.slot_of(position)
+        slot = slot_of_position(position, self.prefetch_step)
         if self.slot_position[slot] != position or self.slot_work[slot] is not None:
             raise RuntimeError(
                 f"o_shared {self.name!r}: prefetch after position {position} without its "

@@ -130,7 +130,7 @@ class TPShardStorage:
             # must find the layer as its only holder.
             if layer.shared_weight_position is None:
                 post(resident_slice_of(layer))
-                self._bind(layer)
+                self._bind(layer, layer_idx)
 
         _run_post_load_as(layer, finish)
         _run_post_load_as(row_parallel, finish)
@@ -141,10 +141,10 @@ class TPShardStorage:
 
     # ------------------------------------------------------------- binding
 
-    def _bind(self, layer: nn.Module) -> None:
+    def _bind(self, layer: nn.Module, layer_idx: int) -> None:
         if self.ring is None:
             self._start()
-        position = self._position_of(layer)
+        position = layer_idx - self.start_layer
         row_parallel = resident_slice_of(layer)
         shards = {}
         for spec in self.specs.gathered:
@@ -180,12 +180,6 @@ class TPShardStorage:
         self.start_layer = start
         self.ring = GatherRing(self.name, self.group, k, L,
                                {s.attr: s.dim for s in self.specs.gathered})
-
-    def _position_of(self, layer: nn.Module) -> int:
-        for idx, member in self._by_idx.items():
-            if member is layer:
-                return idx - self.start_layer
-        raise ValueError(f"{layer.prefix!r} is not in o_shared {self.name!r}")
 
     # ------------------------------------------------------------- runtime
 
