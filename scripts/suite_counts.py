@@ -23,7 +23,8 @@ def summarise(path: Path) -> str:
     return (f"{total.get('engines', 0)} engines ({total.get('engine_drivers', 0)} drivers, "
             f"{total.get('fresh_engine_processes', 0)} fresh processes), "
             f"{total.get('servers', 0)} servers, "
-            f"{total.get('two_host_servers', 0)} two-host launches")
+            f"{total.get('two_host_servers', 0)} two-host launches, "
+            f"{total.get('gloo_worlds', 0)} gloo worlds")
 
 
 if __name__ == "__main__":

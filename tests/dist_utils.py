@@ -5,18 +5,27 @@ stack).  Every worker process:
 
 1. sets the usual CPU-stack environment (small KV cache, one OMP thread),
 2. joins a gloo world through a free TCP port on 127.0.0.1,
-3. optionally builds vLLM's groups (``init_distributed_environment`` +
-   ``initialize_model_parallel``) under a default ``VllmConfig`` so that
-   ``get_tp_group()`` & co. return real ``GroupCoordinator`` objects
-   (``cpu_shm=True``: first loads vLLM's ``_C`` kernels and names the
-   instance, as vLLM's CPU worker does, so that the TP group gets vLLM's
-   shared-memory communicator),
+3. for each call that wants them, builds vLLM's groups on that world
+   (``init_distributed_environment`` + ``initialize_model_parallel``, at the
+   call's TP size) under a default ``VllmConfig`` so that ``get_tp_group()``
+   & co. return real ``GroupCoordinator`` objects (``cpu_shm=True``: first
+   loads vLLM's ``_C`` kernels and names the instance, as vLLM's CPU worker
+   does, so that the TP group gets vLLM's shared-memory communicator); a call
+   that wants a bare world gets none,
 4. calls ``fn(rank, world_size, *args)`` and sends its (picklable) return
    value back to the parent,
-5. stays, with its groups, for the next call that asks for the same world
-   (``WorldSpec``: size, vLLM groups, TP size, shared memory, env), after
-   resetting the plugin's per-process state; ``fresh=True`` and any failure
-   end the world after the call. ``WORLDS.close()`` tears them all down.
+5. stays for the next call that asks for the same world (``WorldSpec``:
+   size, shared memory, env), after resetting the plugin's per-process
+   state. Whether a call gets vLLM's groups, and at which TP size, is the
+   call's own: they are built, rebuilt or torn down on the same processes.
+   Groups that a call builds itself on a bare world are torn down after it
+   (the gloo world stays). ``fresh=True``, a call that replaced the vLLM
+   groups it was given, and any failure end the world after the call.
+   ``WORLDS.close()`` tears them all down.
+
+Spawning a world's processes costs one vLLM import each (about 12 s of CPU
+on the 2-core CI machine), a call usually well under a second: the suite
+starts as few worlds as it can.
 
 The parent collects one result per rank, ordered by rank.  If any worker
 raises, the parent raises :class:`WorkerError` carrying the worker's formatted
@@ -77,54 +86,75 @@ def make_group_coordinator(
 @dataclass(frozen=True)
 class WorldSpec:
     """What makes two worlds interchangeable: a world is reused only for a
-    call that asks for exactly this."""
+    call that asks for exactly this. Whether the call wants vLLM's groups,
+    and of which TP size, is not part of it: each call gets its own."""
 
     world_size: int
-    init_vllm: bool
-    tp_size: int | None
     cpu_shm: bool
     env: tuple[tuple[str, str], ...]
 
 
 def _build_world(rank: int, spec: WorldSpec, port: int) -> Callable[[], None]:
-    """Join the gloo world (and build vLLM's groups); return the teardown."""
+    """Join the gloo world; return its teardown."""
     import torch
+    import torch.distributed as dist
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    init_method = f"tcp://127.0.0.1:{port}"
     if spec.cpu_shm:
         # What vLLM's CPU worker does before it builds the groups: the
         # kernels' import registers torch.ops._C.init_shm_manager, and
         # the identifier keeps concurrent worlds' segments apart.
         load_vllm_kernels()
         os.environ["VLLM_DIST_IDENT"] = f"dist-utils-{port}"
-    if spec.init_vllm:
-        from vllm.config import VllmConfig, set_current_vllm_config
-        from vllm.distributed import (
-            destroy_distributed_environment,
-            destroy_model_parallel,
-            init_distributed_environment,
-            initialize_model_parallel,
-        )
-
-        with set_current_vllm_config(VllmConfig()):
-            init_distributed_environment(
-                world_size=spec.world_size, rank=rank, distributed_init_method=init_method,
-                local_rank=rank, backend="gloo",
-            )
-            initialize_model_parallel(tensor_model_parallel_size=spec.tp_size or spec.world_size,
-                                      backend="gloo")
-
-        def teardown() -> None:
-            destroy_model_parallel()
-            destroy_distributed_environment()
-
-        return teardown
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=init_method, rank=rank,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=spec.world_size)
-    return dist.destroy_process_group
+
+    def teardown() -> None:
+        if _vllm_groups()[0] is not None:
+            _drop_vllm_groups()
+        dist.destroy_process_group()
+
+    return teardown
+
+
+def _give_vllm_groups(rank: int, world_size: int, tp_size: int | None) -> None:
+    """Before a call: vLLM's world and model-parallel groups (TP size
+    ``tp_size``) on this gloo world, as an engine's worker has them; or,
+    with ``tp_size`` None, none at all (a bare world)."""
+    if tp_size is None:
+        if _vllm_groups()[0] is not None:
+            _drop_vllm_groups()
+        return
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import (
+        destroy_model_parallel,
+        init_distributed_environment,
+        initialize_model_parallel,
+    )
+    from vllm.distributed.parallel_state import get_tp_group, model_parallel_is_initialized
+
+    with set_current_vllm_config(VllmConfig()):
+        if _vllm_groups()[0] is None:
+            # The default process group exists: vLLM only builds its world
+            # group on it (the init method is not used).
+            init_distributed_environment(world_size=world_size, rank=rank, local_rank=rank,
+                                         distributed_init_method="env://", backend="gloo")
+        if model_parallel_is_initialized() and get_tp_group().world_size == tp_size:
+            return
+        destroy_model_parallel()
+        initialize_model_parallel(tensor_model_parallel_size=tp_size, backend="gloo")
+
+
+def _drop_vllm_groups() -> None:
+    """Tear down vLLM's groups, keeping the gloo world itself (vLLM's
+    ``destroy_distributed_environment`` would also end the default process
+    group)."""
+    ps = sys.modules["vllm.distributed.parallel_state"]
+    ps.destroy_model_parallel()
+    if ps._WORLD is not None:
+        ps._WORLD.destroy()
+    ps._WORLD = None
+    ps._NODE_COUNT = None
 
 
 def _vllm_groups() -> tuple:
@@ -133,10 +163,11 @@ def _vllm_groups() -> tuple:
     return (getattr(ps, "_WORLD", None), getattr(ps, "_TP", None)) if ps else (None, None)
 
 
-def _reset_between_calls(groups_at_start: tuple) -> bool:
+def _reset_between_calls(bare: bool, groups_before: tuple) -> bool:
     """Put back what one call may leave set in this process, so the next call
     starts as in a fresh world; False when that is not possible (the call
-    replaced vLLM's groups), and the world must not be reused."""
+    replaced the vLLM groups it was given), and the world must not be reused.
+    ``bare``: the call was given no vLLM groups; any it built are dropped."""
     import torch
 
     torch.set_default_dtype(torch.float32)
@@ -153,12 +184,15 @@ def _reset_between_calls(groups_at_start: tuple) -> bool:
     communication = sys.modules.get("vllm_ascend_ext.distributed.communication")
     if communication is not None:
         communication.set_poison_outputs(False)
-    return _vllm_groups() == groups_at_start
+    if bare and _vllm_groups()[0] is not None:
+        _drop_vllm_groups()
+    return _vllm_groups() == groups_before
 
 
 def _serve(rank: int, spec: WorldSpec, port: int, tasks: Any, results: Any) -> None:
     """A world member: build the world once, then run every call it is sent
-    (``(call_id, fn, args)``; ``None`` ends it) and report each result."""
+    (``(call_id, fn, args, tp_size)``, ``tp_size`` None for a bare world;
+    ``None`` ends it) and report each result."""
     os.environ.update(dict(spec.env))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -170,13 +204,14 @@ def _serve(rank: int, spec: WorldSpec, port: int, tasks: Any, results: Any) -> N
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         results.put((None, rank, False, traceback.format_exc(), False))
         return
-    groups_at_start = _vllm_groups()
     try:
         while (task := tasks.get()) is not None:
-            call_id, fn, args = task
+            call_id, fn, args, tp_size = task
             try:
+                _give_vllm_groups(rank, spec.world_size, tp_size)
+                groups_before = _vllm_groups()
                 out = fn(rank, spec.world_size, *args)
-                reusable = _reset_between_calls(groups_at_start)
+                reusable = _reset_between_calls(tp_size is None, groups_before)
                 results.put((call_id, rank, True, out, reusable))
             except BaseException:  # noqa: BLE001
                 results.put((call_id, rank, False, traceback.format_exc(), False))
@@ -204,13 +239,15 @@ class _World:
         for p in self.procs:
             p.start()
 
-    def call(self, fn: Callable[..., Any], args: tuple, timeout: float) -> tuple[list, bool]:
-        """Run ``fn`` on every rank: (per-rank results, whether the world can
+    def call(self, fn: Callable[..., Any], args: tuple, timeout: float,
+             tp_size: int | None) -> tuple[list, bool]:
+        """Run ``fn`` on every rank with vLLM's groups at TP size ``tp_size``
+        (None: on the bare world): (per-rank results, whether the world can
         be reused). Raises WorkerError / TimeoutError; the world is then dead."""
         self.calls += 1
         call_id = self.calls
         for q in self._tasks:
-            q.put((call_id, fn, args))
+            q.put((call_id, fn, args, tp_size))
         size = self.spec.world_size
         collected: dict[int, Any] = {}
         reusable = True
@@ -261,19 +298,23 @@ class WorldPool:
     """The worlds of one pytest process, by ``WorldSpec``; at most
     ``keep`` of them stay alive (the least recently used one is closed)."""
 
-    def __init__(self, keep: int = 3):
+    def __init__(self, keep: int = 4):
         self.keep = keep
         self._worlds: dict[WorldSpec, _World] = {}
         self.started = 0
 
     def run(self, spec: WorldSpec, fn: Callable[..., Any], args: tuple, timeout: float,
-            fresh: bool) -> list:
+            fresh: bool, tp_size: int | None) -> list:
         world = None if fresh else self._worlds.pop(spec, None)
         if world is None:
             world = _World(spec)
             self.started += 1
+            from tests.suite_hygiene import COUNTS
+
+            COUNTS.gloo_worlds += 1
+            COUNTS.shm_worlds += spec.cpu_shm
         try:
-            results, reusable = world.call(fn, args, timeout)
+            results, reusable = world.call(fn, args, timeout, tp_size)
         except BaseException:
             world.close(kill=True)
             raise
@@ -333,8 +374,9 @@ def run_distributed(
     """
     if world_size < 1:
         raise ValueError("world_size must be >= 1")
-    spec = WorldSpec(world_size, init_vllm, tp_size, cpu_shm, tuple(sorted((env or {}).items())))
-    return WORLDS.run(spec, fn, args, timeout, fresh)
+    spec = WorldSpec(world_size, cpu_shm, tuple(sorted((env or {}).items())))
+    return WORLDS.run(spec, fn, args, timeout, fresh,
+                      (tp_size or world_size) if init_vllm else None)
 
 
 def load_vllm_plugins_in_fresh_process(prelude: str = "") -> subprocess.CompletedProcess:

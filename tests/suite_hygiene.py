@@ -125,11 +125,21 @@ class StartCounts:
     fresh_engine_processes: int = 0
     servers: int = 0
     two_host_servers: int = 0
+    gloo_worlds: int = 0  # tests/dist_utils.py worlds spawned (each rank imports vLLM)
+    shm_worlds: int = 0  # of those, worlds with vLLM's shared-memory communicator
+
+    def may_leave_segments(self) -> bool:
+        """Whether this run started anything that makes vLLM shared-memory
+        segments or init files. A run that started none removes none: CI's
+        other lane may be starting an engine whose init file no process has
+        opened yet."""
+        return bool(self.engines or self.servers or self.two_host_servers or self.shm_worlds)
 
     def line(self) -> str:
         return (f"{self.engines} engines in {self.engine_drivers} engine drivers "
                 f"(+{self.fresh_engine_processes} in fresh processes), {self.servers} "
-                f"vllm serve servers, {self.two_host_servers} two-host launches")
+                f"vllm serve servers, {self.two_host_servers} two-host launches, "
+                f"{self.gloo_worlds} gloo worlds")
 
 
 COUNTS = StartCounts()

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from cpu_features import cpu_has_int8_vnni, int8_vnni_skip_reason
-from dist_utils import run_distributed
+from tests.dist_utils import run_distributed
 from vllm_ascend_ext.cpu_attention import cpu_has_amx
 
 A, H, THRESHOLD, LAYERS = 64, 48, 8, 3

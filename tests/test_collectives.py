@@ -24,8 +24,12 @@ import pytest
 import torch
 
 from cpu_features import cpu_has_avx512
-from dist_utils import run_distributed
+from tests.dist_utils import run_distributed
 from vllm_ascend_ext.distributed.communication import all_to_all_is_pairwise
+
+# Its 4-rank world takes vLLM CPU's spin-waiting shared-memory communicator
+# (AVX-512 builds): in CI's engine lane, never beside an engine.
+pytestmark = pytest.mark.engine_lane
 
 DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 ROWS_PER_RANK = (0, 1, 3, 8)
@@ -100,7 +104,7 @@ def _world_worker(rank, world_size):
 def _all_to_all_cases(rank):
     import torch.distributed as dist
 
-    from dist_utils import make_group_coordinator
+    from tests.dist_utils import make_group_coordinator
     from vllm_ascend_ext.distributed.communication import (
         all_to_all_dim0,
         set_poison_outputs,
@@ -192,7 +196,7 @@ def _all_gather_cases(rank):
     import torch.distributed as dist
     from vllm.distributed import parallel_state as ps
 
-    from dist_utils import make_group_coordinator
+    from tests.dist_utils import make_group_coordinator
     from vllm_ascend_ext.compat import cpu_shm_collectives
     from vllm_ascend_ext.distributed.communication import (
         all_gather_dim0,

@@ -35,7 +35,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from tests.dist_utils import run_distributed
 from vllm_ascend_ext.ops.flashcomm2_oproj import FlashComm2RowParallelLinear
 from vllm_ascend_ext.ops.flashcomm2_plan import flashcomm2_plan, permute_blocks_for_all_to_all
 
@@ -375,6 +375,10 @@ def _world_worker(rank, world_size, layout):
     )
 
     tp, pp, dp = layout["tp"], layout["pp"], layout["dp"]
+    # vLLM's CPU worker sets VLLM_DIST_IDENT (it names the shared-memory
+    # segments of the TP/PP communicators); each layout sets its own, so that
+    # the three layouts can share one 4-rank world.
+    os.environ["VLLM_DIST_IDENT"] = layout["dist_ident"]
     vcfg = _setup_vllm(rank, world_size, tp, pp, dp)
     set_poison_outputs(True)
     res = _Results(rank)
@@ -444,11 +448,11 @@ def world_results():
 
     def get(name):
         if name not in cache:
-            # vLLM's CPU worker sets VLLM_DIST_IDENT (it names the shared-memory
-            # segments of the TP/PP communicators); do the same, uniquely.
-            env = {"VLLM_DIST_IDENT": f"fc2-test-{os.getpid()}-{name}"}
-            per_rank = run_distributed(_world_worker, 4, LAYOUTS[name], init_vllm=False,
-                                       timeout=WORLD_TIMEOUT, env=env)
+            layout = dict(LAYOUTS[name], dist_ident=f"fc2-test-{os.getpid()}-{name}")
+            # One bare 4-rank world for every layout: each call builds vLLM's
+            # groups on it, and dist_utils tears them down after the call.
+            per_rank = run_distributed(_world_worker, 4, layout, init_vllm=False,
+                                       timeout=WORLD_TIMEOUT)
             cache[name] = [item for items in per_rank for item in items]
         return cache[name]
 

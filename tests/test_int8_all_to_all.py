@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from tests.dist_utils import run_distributed
 from vllm_ascend_ext.config import (
     ENV_INT8_ALL_TO_ALL,
     FlashComm2ConfigError,

@@ -26,6 +26,9 @@ pytestmark = [
     pytest.mark.skipif(bool(_missing), reason="two emulated hosts need " + ", ".join(_missing)),
     # Touches no vLLM class: runs once, on the newest CPU-tested vLLM (Makefile).
     pytest.mark.vllm_independent,
+    # Network namespaces: in CI's engine lane, one at a time with the
+    # two-host engines, never beside them.
+    pytest.mark.engine_lane,
 ]
 
 PY = sys.executable

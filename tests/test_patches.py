@@ -165,7 +165,7 @@ GATHERV_SIZES = [[3, 1], [0, 2], [2, 2]]
 
 def _gatherv_worker(rank, world_size):
     """One DP-style group over the world; the calls MoE dispatch/combine make."""
-    from dist_utils import make_group_coordinator
+    from tests.dist_utils import make_group_coordinator
 
     group = make_group_coordinator([list(range(world_size))], "dp_gatherv_test")
     out = []
@@ -189,7 +189,7 @@ def _gatherv_worker(rank, world_size):
 def test_cpu_communicator_gatherv_and_reduce_scatterv():
     """Fails without patch 0003 (NotImplementedError from the base communicator),
     which is why a MoE model at DP=2 on vLLM CPU died at its first request."""
-    from dist_utils import run_distributed
+    from tests.dist_utils import run_distributed
 
     out = run_distributed(_gatherv_worker, 2, timeout=120)
     for case, sizes in enumerate(GATHERV_SIZES):

@@ -456,7 +456,7 @@ def _tiny_series_reports(rank, world_size, cases, a, h):
 
 @pytest.mark.timeout(400)
 def test_planner_matches_the_real_oshared_op_on_tiny_deepseek(tiny_model):
-    from dist_utils import run_distributed
+    from tests.dist_utils import run_distributed
 
     shape = load_model_shape(str(tiny_model("deepseek_v3")))
     a, h = shape.o_proj_in, shape.hidden_size

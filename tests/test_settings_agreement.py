@@ -89,9 +89,10 @@ DIFFERING = {
 @pytest.fixture(scope="module")
 def verdicts():
     names = list(CASES)
-    # Fresh worlds: the agreement leaves its keys in the world's store.
+    # A kept world serves: each exchange publishes under keys of its own
+    # number, counted alike on every rank (every rank agrees once per case).
     per_rank = run_distributed(_agree_with_env, 2, [CASES[n] for n in names], 20.0,
-                               init_vllm=False, fresh=True)
+                               init_vllm=False)
     return {n: (per_rank[0][i], per_rank[1][i]) for i, n in enumerate(names)}
 
 
@@ -128,6 +129,7 @@ def test_a_rank_that_cannot_parse_its_flags_is_named_on_every_rank(verdicts):
 
 
 def test_a_rank_that_never_reports_times_out_with_a_bounded_wait():
+    # Fresh: rank 1 never agrees, so the ranks' exchange numbers part ways.
     out = run_distributed(_publish_nothing_on_rank, 2, 1, 3.0, init_vllm=False, timeout=240,
                           fresh=True)
     assert out[1] == ("skipped",)

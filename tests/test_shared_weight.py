@@ -14,8 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_utils import make_group_coordinator, run_distributed  # noqa: E402
+from tests.dist_utils import make_group_coordinator, run_distributed  # noqa: E402
 
 from vllm_ascend_ext.ops.shared_weight.errors import SharedWeightError  # noqa: E402
 from vllm_ascend_ext.ops.shared_weight.registry import shared_weight_registry  # noqa: E402

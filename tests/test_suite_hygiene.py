@@ -34,6 +34,15 @@ def test_removes_only_the_segments_that_appeared_during_the_run():
             path.unlink(missing_ok=True)
 
 
+def test_only_a_run_that_started_segment_makers_removes_segments():
+    """CI's unit lane starts no engine: it must not delete an init file that
+    the engine lane's next engine made and its workers have not opened yet."""
+    assert not StartCounts().may_leave_segments()
+    assert not StartCounts(gloo_worlds=4).may_leave_segments()
+    for maker in ("engines", "servers", "two_host_servers", "shm_worlds"):
+        assert StartCounts(**{maker: 1}).may_leave_segments(), maker
+
+
 def test_counts_are_written_as_one_json_line_per_run(tmp_path, monkeypatch):
     import json
 
@@ -62,7 +71,7 @@ def test_a_legs_counts_add_up_across_its_pytest_runs(tmp_path):
         {"pid": 1, "engines": 3, "engine_drivers": 1, "fresh_engine_processes": 0,
          "servers": 2, "two_host_servers": 0},
         {"pid": 2, "engines": 1, "engine_drivers": 1, "fresh_engine_processes": 1,
-         "servers": 0, "two_host_servers": 4})) + "\n")
+         "servers": 0, "two_host_servers": 4, "gloo_worlds": 5})) + "\n")
     assert module.summarise(path) == ("4 engines (2 drivers, 1 fresh processes), 2 servers, "
-                                      "4 two-host launches")
+                                      "4 two-host launches, 5 gloo worlds")
     assert module.summarise(tmp_path / "missing.jsonl") == "(no pytest run reported)"

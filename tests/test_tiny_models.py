@@ -133,6 +133,37 @@ def test_rebuild_is_deterministic_and_cached(tmp_path):
     assert json.loads((a / "tiny_model.json").read_text())["recipe"] == RECIPE_VERSION
 
 
+def test_two_builders_of_one_missing_checkpoint_write_it_once(tmp_path, monkeypatch):
+    """CI runs two pytest streams at once: a checkpoint both find missing is
+    written once, and the second waits for it instead of writing over files
+    the first one's engines may be reading."""
+    import threading
+    import time
+
+    from vllm_ascend_ext.tools.tiny_models import factory
+
+    writes = []
+    real = factory._write_tiny_checkpoint
+
+    def slow_write(*args):
+        writes.append(threading.get_ident())
+        time.sleep(0.5)  # the other builder arrives while this one writes
+        real(*args)
+
+    monkeypatch.setattr(factory, "_write_tiny_checkpoint", slow_write)
+    out = tmp_path / "shared"
+    paths = []
+    builders = [threading.Thread(target=lambda: paths.append(
+        make_tiny_checkpoint("qwen3", out, num_hidden_layers=1, train=False))) for _ in range(2)]
+    for b in builders:
+        b.start()
+    for b in builders:
+        b.join(timeout=120)
+    assert paths == [out, out]
+    assert len(writes) == 1, writes
+    assert json.loads((out / "tiny_model.json").read_text())["recipe"] == RECIPE_VERSION
+
+
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown tiny-model architecture 'llama'"):
         resolve_architecture("llama")

@@ -29,6 +29,7 @@ def _backend_used(log: str) -> set[str]:
     return {b for b in ("AMX_MLA", "CPU_MLA") if f"Using {b} backend" in log}
 
 
+@pytest.mark.single_rank
 def test_fp32_mla_engine_ignores_the_cpu_kind(tiny_model, engines):
     """On a CPU that vLLM believes has AMX, the fp32 DeepSeek engine still
     loads and runs, on the backend it states, with the same numbers.

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -216,10 +217,6 @@ def make_tiny_checkpoint(arch: str, out_dir: str | os.PathLike, *,
     ``train`` (the default) trains the model on the shipped corpus before it
     is saved (``tiny_models/train.py``); ``train=False`` keeps the random
     init."""
-    import torch
-    import transformers
-    from safetensors.torch import load_file, save_file
-
     from vllm_ascend_ext.tools.tiny_models import train as training
 
     arch = resolve_architecture(arch)
@@ -231,6 +228,36 @@ def make_tiny_checkpoint(arch: str, out_dir: str | os.PathLike, *,
         recipe["train_steps"] = training.TRAIN_STEPS
     if not force and marker.exists() and json.loads(marker.read_text()) == recipe:
         return out
+    with exclusive_build(out):
+        # Another process may have built it while this one waited.
+        if not force and marker.exists() and json.loads(marker.read_text()) == recipe:
+            return out
+        _write_tiny_checkpoint(arch, out, recipe, num_hidden_layers, hidden_size, train)
+    return out
+
+
+@contextmanager
+def exclusive_build(out: Path):
+    """Hold the build lock of checkpoint folder ``out``: two processes (CI's
+    two test streams, say) that both find it missing build it once, and
+    neither reads files the other is still writing."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _write_tiny_checkpoint(arch: str, out: Path, recipe: dict, num_hidden_layers: int,
+                           hidden_size: int | None, train: bool) -> None:
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from vllm_ascend_ext.tools.tiny_models import train as training
+
+    marker = out / "tiny_model.json"
     out.mkdir(parents=True, exist_ok=True)
     write_tokenizer(out)
     spec = SPECS[arch]
@@ -272,7 +299,6 @@ def make_tiny_checkpoint(arch: str, out_dir: str | os.PathLike, *,
     # The saved config must describe the main model, not the MTP-extended build.
     write_model_config(config, out, "float32")
     marker.write_text(json.dumps(recipe))
-    return out
 
 
 def _extra_layer_params(model: Any, num_hidden_layers: int) -> int:

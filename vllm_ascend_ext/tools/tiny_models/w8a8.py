@@ -110,8 +110,6 @@ def calibrate_input_scales(src: Path, arch: str) -> dict:
 def make_w8a8_checkpoint(src: str | Path, out: str | Path, *, activations: str = "dynamic",
                          force: bool = False) -> Path:
     """Write the W8A8 version of the fp32 checkpoint ``src`` into ``out``."""
-    from safetensors.torch import load_file, save_file
-
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations={activations!r}: expected one of {ACTIVATIONS}")
     src, out = Path(src), Path(out)
@@ -120,6 +118,20 @@ def make_w8a8_checkpoint(src: str | Path, out: str | Path, *, activations: str =
     recipe = {"w8a8_recipe": W8A8_RECIPE, "activations": activations, "source": src_recipe}
     if not force and marker.exists() and json.loads(marker.read_text()) == recipe:
         return out
+    from vllm_ascend_ext.tools.tiny_models.factory import exclusive_build
+
+    with exclusive_build(out):
+        # Another process may have built it while this one waited.
+        if force or not (marker.exists() and json.loads(marker.read_text()) == recipe):
+            _write_w8a8_checkpoint(src, out, marker, recipe, activations)
+    return out
+
+
+def _write_w8a8_checkpoint(src: Path, out: Path, marker: Path, recipe: dict,
+                           activations: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    src_recipe = recipe["source"]
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors", "tiny_*.json"))
@@ -139,7 +151,6 @@ def make_w8a8_checkpoint(src: str | Path, out: str | Path, *, activations: str =
     cfg["quantization_config"] = quantization_config(arch, activations)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     marker.write_text(json.dumps(recipe))
-    return out
 
 
 def tiny_w8a8_checkpoint(arch: str, root: str | Path | None = None, *,

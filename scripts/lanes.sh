@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Runs a leg's two lanes side by side and fails if either failed.
+#
+#   scripts/lanes.sh ENGINE-LANE-COMMAND UNIT-LANE-COMMAND
+#
+# `make test` calls it with two pytest commands that split the leg's
+# selection (Makefile: ENGINES_SELECT, UNITS_SELECT). The engine lane runs
+# the multi-rank engines, servers and two-host launches one at a time (never
+# two at once: vLLM CPU's spin-waiting shared-memory all-reduce stalls); the
+# unit lane runs the gloo worlds, single-process tests and single-rank engines
+# beside it, on the core an engine leaves idle through its single-threaded
+# start-up. Each line of output is prefixed with its lane; each lane's wall
+# time is printed at its end.
+set -uo pipefail
+
+if [[ $# -ne 2 ]]; then
+    echo "usage: $0 ENGINE-LANE-COMMAND UNIT-LANE-COMMAND" >&2
+    exit 2
+fi
+
+pids=()
+stop() {
+    for pid in "${pids[@]}"; do kill -- "-$pid" 2>/dev/null; done
+}
+trap stop EXIT
+trap 'exit 130' INT TERM
+
+run_lane() {  # run_lane NAME COMMAND
+    local t0=$SECONDS rc=0
+    bash -c "$2" || rc=$?
+    printf '=== %s lane: rc=%d, %dm%02ds\n' "$1" "$rc" $(((SECONDS - t0) / 60)) \
+        $(((SECONDS - t0) % 60))
+    return "$rc"
+}
+export -f run_lane
+
+names=(engine unit)
+cmds=("$1" "$2")
+for i in 0 1; do
+    # Its own process group, so that an interrupted run stops the whole lane.
+    setsid bash -c 'run_lane "$0" "$1"' "${names[$i]}" "${cmds[$i]}" \
+        > >(sed -u "s/^/[${names[$i]} lane] /") 2>&1 &
+    pids+=($!)
+done
+failed=0
+for pid in "${pids[@]}"; do
+    wait "$pid" || failed=1
+done
+pids=()
+wait  # the prefixing pipes
+exit "$failed"
