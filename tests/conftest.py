@@ -77,14 +77,32 @@ def pytest_sessionstart(session):
     from tests import suite_hygiene
 
     session.config._vllm_ascend_ext_hygiene = suite_hygiene.snapshot()
-    _count_server_starts()
+    _watch_servers()
 
 
-def _count_server_starts() -> None:
-    """Count every ``vllm serve`` the run starts, on one host or two."""
-    from tests.suite_hygiene import COUNTS
+def _watch_servers() -> None:
+    """Count every ``vllm serve`` the run starts, on one host or two, and
+    note the init files their logs name when they stop."""
+    from tests.suite_hygiene import COUNTS, note_engine_log
     from vllm_ascend_ext.tools.local_server import VllmServer
     from vllm_ascend_ext.tools.multinode.serve import TwoHostServer
+
+    def noted(cls, logs) -> None:
+        original = cls.stop
+        if getattr(original, "_noted", False):
+            return
+
+        def stop(self, *args, **kwargs):
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                note_engine_log(logs(self))
+
+        stop._noted = True
+        cls.stop = stop
+
+    noted(VllmServer, lambda server: server.log_text())
+    noted(TwoHostServer, lambda server: "".join(p.log_text() for p in server.processes))
 
     def counted(cls, method: str, field: str) -> None:
         original = getattr(cls, method)
@@ -114,10 +132,8 @@ def pytest_sessionfinish(session, exitstatus):
             sys.modules[name].WORLDS.close()
     leftovers = suite_hygiene.leftover_processes()
     before = getattr(session.config, "_vllm_ascend_ext_hygiene", None)
-    from tests.suite_hygiene import COUNTS
-
-    removed = (suite_hygiene.remove_leftover_segments(before)
-               if before and COUNTS.may_leave_segments() else [])
+    removed = (suite_hygiene.remove_leftover_segments(before, suite_hygiene.OWNED_INIT_IDS)
+               if before else [])
     session.config._vllm_ascend_ext_report = (leftovers, removed)
     suite_hygiene.write_counts(os.environ.get("VLLM_ASCEND_EXT_SUITE_STATS"))
     if leftovers:

@@ -312,7 +312,6 @@ class WorldPool:
             from tests.suite_hygiene import COUNTS
 
             COUNTS.gloo_worlds += 1
-            COUNTS.shm_worlds += spec.cpu_shm
         try:
             results, reusable = world.call(fn, args, timeout, tp_size)
         except BaseException:
@@ -355,7 +354,7 @@ def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
     *args: Any,
-    timeout: float = 180.0,
+    timeout: float = 600.0,
     init_vllm: bool = True,
     tp_size: int | None = None,
     env: dict[str, str] | None = None,

@@ -5,8 +5,11 @@ finish).
 - vLLM CPU's shared-memory communicator names its segments after the
   engine's ``vllm_dist_<uuid>`` init file (``VLLM_DIST_IDENT``); a worker
   that does not run its clean-up (SIGTERM, SIGKILL, a crash) leaves them in
-  /dev/shm, and the init files in the temp folder. Only entries created
-  during this run are removed: another vLLM on the machine keeps its own.
+  /dev/shm, and the init files in the temp folder. Only entries of this
+  run's own engines and servers are removed (their logs name the init file),
+  once no process holds them: another vLLM on the machine, or the other lane
+  of ``make test``, keeps its own, even one whose workers have not opened
+  their init file yet.
 - Every process this run started must be gone at its end.
 - The engines, drivers and servers this run started are counted, so that
   ``.ci/run`` can report where a leg's time went.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +27,18 @@ from pathlib import Path
 
 SHM = Path("/dev/shm")
 VLLM_SEGMENT_PREFIX = "vllm_dist_"
+# The id in an init file's name (vllm.utils.network_utils), which its
+# segments' names begin with too.
+_INIT_ID = re.compile(VLLM_SEGMENT_PREFIX + r"([0-9a-f]{32})")
+
+#: Init-file ids named in the logs of this run's engines and servers.
+OWNED_INIT_IDS: set[str] = set()
+
+
+def note_engine_log(text: str) -> None:
+    """Remember the init files (and with them the segments) that an engine
+    or server this run started names in its log."""
+    OWNED_INIT_IDS.update(_INIT_ID.findall(text))
 
 
 def _vllm_entries() -> set[Path]:
@@ -63,12 +79,16 @@ def _in_use() -> set[str]:
     return used
 
 
-def remove_leftover_segments(before: HygieneSnapshot) -> list[Path]:
-    """Delete the vLLM shared-memory segments and init files that appeared
-    since ``before`` and that no live process uses; return what was deleted."""
+def remove_leftover_segments(before: HygieneSnapshot, owned: set[str]) -> list[Path]:
+    """Delete the vLLM shared-memory segments and init files of the engines
+    whose init-file ids are ``owned``, that appeared since ``before`` and that
+    no live process uses; return what was deleted."""
     removed = []
     used = _in_use()
     for entry in sorted(_vllm_entries() - before.entries):
+        found = _INIT_ID.match(entry.name)
+        if found is None or found[1] not in owned:
+            continue  # not one of this run's engines'
         try:
             if entry.stat().st_mtime < before.started - 1 or str(entry) in used:
                 continue  # older than this run after all, or still someone's
@@ -126,15 +146,6 @@ class StartCounts:
     servers: int = 0
     two_host_servers: int = 0
     gloo_worlds: int = 0  # tests/dist_utils.py worlds spawned (each rank imports vLLM)
-    shm_worlds: int = 0  # of those, worlds with vLLM's shared-memory communicator
-
-    def may_leave_segments(self) -> bool:
-        """Whether this run started anything that makes vLLM shared-memory
-        segments or init files. A run that started none removes none: CI's
-        other lane may be starting an engine whose init file no process has
-        opened yet."""
-        return bool(self.engines or self.servers or self.two_host_servers or self.shm_worlds)
-
     def line(self) -> str:
         return (f"{self.engines} engines in {self.engine_drivers} engine drivers "
                 f"(+{self.fresh_engine_processes} in fresh processes), {self.servers} "

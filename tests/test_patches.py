@@ -191,7 +191,7 @@ def test_cpu_communicator_gatherv_and_reduce_scatterv():
     which is why a MoE model at DP=2 on vLLM CPU died at its first request."""
     from tests.dist_utils import run_distributed
 
-    out = run_distributed(_gatherv_worker, 2, timeout=120)
+    out = run_distributed(_gatherv_worker, 2, timeout=600)
     for case, sizes in enumerate(GATHERV_SIZES):
         hidden = [torch.arange(n * 3, dtype=torch.float32).reshape(n, 3) + 100 * r
                   for r, n in enumerate(sizes)]

@@ -272,7 +272,7 @@ def _sweep_cases():
 
 @pytest.fixture(scope="module")
 def sweeps():
-    return run_distributed(_sweep_worker, 4, _sweep_cases(), timeout=170)
+    return run_distributed(_sweep_worker, 4, _sweep_cases(), timeout=600)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
@@ -781,7 +781,7 @@ def _two_rank_worker(rank, n):
 
 @pytest.fixture(scope="module")
 def two_rank():
-    return run_distributed(_two_rank_worker, 2, timeout=170)
+    return run_distributed(_two_rank_worker, 2, timeout=600)
 
 
 def test_custom_quant_method_transposed_new_parameter(two_rank):

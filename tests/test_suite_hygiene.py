@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -15,32 +16,32 @@ pytestmark = pytest.mark.vllm_independent
 
 
 @pytest.mark.skipif(not SHM.is_dir(), reason="needs /dev/shm")
-def test_removes_only_the_segments_that_appeared_during_the_run():
-    older = SHM / f"{VLLM_SEGMENT_PREFIX}{uuid.uuid4().hex}-tp:0-[0-1]-cpushm"
+def test_removes_only_this_runs_engines_segments_that_appeared_during_the_run():
+    def segment(engine: str) -> Path:
+        return SHM / f"{VLLM_SEGMENT_PREFIX}{engine}-tp:0-[0-1]-cpushm"
+
+    ours, other_lane, before_run = (uuid.uuid4().hex for _ in range(3))
+    older = segment(before_run)
     older.write_bytes(b"x")
-    newer = SHM / f"{VLLM_SEGMENT_PREFIX}{uuid.uuid4().hex}-tp:0-[0-1]-cpushm"
-    busy = SHM / f"{VLLM_SEGMENT_PREFIX}{uuid.uuid4().hex}-tp:0-[0-1]-cpushm"
-    other = SHM / f"not-vllm-{uuid.uuid4().hex}"
+    newer, busy, theirs = segment(ours), SHM / f"{VLLM_SEGMENT_PREFIX}{ours}", segment(other_lane)
+    unrelated = SHM / f"not-vllm-{uuid.uuid4().hex}"
     try:
         before = suite_hygiene.snapshot()
-        for path in (newer, busy, other):
+        for path in (newer, busy, theirs, unrelated):
             path.write_bytes(b"x")
-        with open(busy, "rb"):  # another run's engine still holds it
-            removed = suite_hygiene.remove_leftover_segments(before)
+        # This run's engine logged its init file; the other lane's engine
+        # (same machine, same time) did not log to this run.
+        suite_hygiene.note_engine_log(
+            f"INFO distributed_init_method=file:///tmp/{VLLM_SEGMENT_PREFIX}{ours} backend=gloo")
+        owned = suite_hygiene.OWNED_INIT_IDS
+        assert ours in owned and other_lane not in owned
+        with open(busy, "rb"):  # still held by a live process
+            removed = suite_hygiene.remove_leftover_segments(before, owned)
         assert removed == [newer] and not newer.exists()
-        assert older.exists() and busy.exists() and other.exists()
+        assert older.exists() and busy.exists() and theirs.exists() and unrelated.exists()
     finally:
-        for path in (older, newer, busy, other):
+        for path in (older, newer, busy, theirs, unrelated):
             path.unlink(missing_ok=True)
-
-
-def test_only_a_run_that_started_segment_makers_removes_segments():
-    """CI's unit lane starts no engine: it must not delete an init file that
-    the engine lane's next engine made and its workers have not opened yet."""
-    assert not StartCounts().may_leave_segments()
-    assert not StartCounts(gloo_worlds=4).may_leave_segments()
-    for maker in ("engines", "servers", "two_host_servers", "shm_worlds"):
-        assert StartCounts(**{maker: 1}).may_leave_segments(), maker
 
 
 def test_counts_are_written_as_one_json_line_per_run(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.e2e.engine_driver import FEATURE_ENV, PER_ENGINE_ENV
-from tests.suite_hygiene import COUNTS
+from tests.suite_hygiene import COUNTS, note_engine_log
 
 HERE = Path(__file__).resolve().parent
 
@@ -215,6 +215,7 @@ def run_vllm(model: str | Path, prompts: list[list[int]], *, tp: int = 1, pp: in
         data, log, error = _run_in_fresh_process(spec, proc_env, timeout)
     else:
         data, log, error = DRIVERS.run(spec, proc_env, timeout)
+    note_engine_log(log)  # its init file and segments are this run's to remove
     if error is not None:
         raise RuntimeError(
             f"vLLM run failed (tp={tp}, pp={pp}, dtype={dtype}, env={env}): {error}\n"
