@@ -9,12 +9,10 @@
 # two at once: vLLM CPU's spin-waiting shared-memory all-reduce stalls); the
 # unit lane runs the gloo worlds, single-process tests and single-rank engines
 # beside it, on the core an engine leaves idle through its single-threaded
-# start-up. The unit lane runs at a lower priority (nice 10): an engine's two
-# ranks exchange many small collectives, each waiting for the peer to be
-# scheduled, so at equal priority the unit lane's processes slowed the engine
-# lane by about as much time as they ran beside it (measured). Each line of
-# output is prefixed with its lane; each lane's wall time is printed at its
-# end.
+# start-up. The unit lane runs at a lower priority (nice 10): the engine lane
+# is the longer one, and an engine's two ranks exchange many small
+# collectives, each waiting for its peer to be scheduled. Each line of output
+# is prefixed with its lane; each lane's wall time is printed at its end.
 set -uo pipefail
 
 if [[ $# -ne 2 ]]; then
