@@ -301,14 +301,12 @@ class WorldPool:
     def __init__(self, keep: int = 4):
         self.keep = keep
         self._worlds: dict[WorldSpec, _World] = {}
-        self.started = 0
 
     def run(self, spec: WorldSpec, fn: Callable[..., Any], args: tuple, timeout: float,
             fresh: bool, tp_size: int | None) -> list:
         world = None if fresh else self._worlds.pop(spec, None)
         if world is None:
             world = _World(spec)
-            self.started += 1
             from tests.suite_hygiene import COUNTS
 
             COUNTS.gloo_worlds += 1
