@@ -110,8 +110,7 @@ def _build_world(rank: int, spec: WorldSpec, port: int) -> Callable[[], None]:
                             world_size=spec.world_size)
 
     def teardown() -> None:
-        if _vllm_groups()[0] is not None:
-            _drop_vllm_groups()
+        _drop_vllm_groups()
         dist.destroy_process_group()
 
     return teardown
@@ -122,8 +121,7 @@ def _give_vllm_groups(rank: int, world_size: int, tp_size: int | None) -> None:
     ``tp_size``) on this gloo world, as an engine's worker has them; or,
     with ``tp_size`` None, none at all (a bare world)."""
     if tp_size is None:
-        if _vllm_groups()[0] is not None:
-            _drop_vllm_groups()
+        _drop_vllm_groups()
         return
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import (
@@ -146,9 +144,11 @@ def _give_vllm_groups(rank: int, world_size: int, tp_size: int | None) -> None:
 
 
 def _drop_vllm_groups() -> None:
-    """Tear down vLLM's groups, keeping the gloo world itself (vLLM's
+    """Tear down vLLM's groups, if any, keeping the gloo world itself (vLLM's
     ``destroy_distributed_environment`` would also end the default process
     group)."""
+    if _vllm_groups()[0] is None:
+        return
     ps = sys.modules["vllm.distributed.parallel_state"]
     ps.destroy_model_parallel()
     if ps._WORLD is not None:
@@ -184,7 +184,7 @@ def _reset_between_calls(bare: bool, groups_before: tuple) -> bool:
     communication = sys.modules.get("vllm_ascend_ext.distributed.communication")
     if communication is not None:
         communication.set_poison_outputs(False)
-    if bare and _vllm_groups()[0] is not None:
+    if bare:
         _drop_vllm_groups()
     return _vllm_groups() == groups_before
 
