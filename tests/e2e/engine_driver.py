@@ -1,10 +1,12 @@
 """A long-lived process that runs vLLM engine specs one after another.
 
 Importing vLLM costs about 15 s of the ~37 s an engine run takes on the CI
-machine; a driver pays it once. Each engine still gets fresh workers (vLLM
-CPU spawns them, ``distributed_executor_backend="mp"`` even at TP=1), started
-with that engine's own environment, so the model, the plugin's per-process
-state and vLLM's distributed groups never outlive their engine. What does
+machine; a driver pays it once. Each engine still gets fresh workers
+(``distributed_executor_backend="mp"`` even at TP=1), started with that
+engine's own environment, so the model, the plugin's per-process state and
+vLLM's distributed groups never outlive their engine. The workers are forked
+from a server that imported vLLM's worker modules once
+(``forkserver_workers.py``), not spawned: a spawned worker imports vLLM again. What does
 live in the driver (vLLM's front end and engine core) is reset per engine:
 the environment is set exactly as the spec says for the keys an engine may
 change, and vLLM's environment cache is cleared.
@@ -30,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import forkserver_workers  # noqa: E402
 from run_vllm import run_engine  # noqa: E402
 
 from vllm_ascend_ext.config import SETTINGS  # noqa: E402
@@ -81,6 +84,8 @@ def _run_logged(request: dict) -> None:
 
 def main(reply_fd: int) -> int:
     replies = os.fdopen(reply_fd, "w", buffering=1)
+    forkserver_workers.start_server()
+    forkserver_workers.use_for_vllm_workers()
     for line in sys.stdin:
         request = json.loads(line)
         _apply_env(request["env"])
