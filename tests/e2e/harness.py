@@ -143,37 +143,51 @@ class EngineDriver:
 
 
 class DriverPool:
-    """The engine drivers of one pytest process: the live driver is reused
-    for every engine whose environment differs from its own only in
-    ``PER_ENGINE_ENV``; any other difference (a test-only plugin on
-    PYTHONPATH, for one) gets a new driver, and the old one is closed, so at
-    most one driver holds vLLM in memory at a time."""
+    """The engine drivers of one pytest process, one per environment key: an
+    engine runs in the driver whose environment differs from its own only in
+    ``PER_ENGINE_ENV``. Any other difference (a test-only plugin on
+    PYTHONPATH, for one) keys a driver of its own. Drivers are kept while the
+    run lasts, since the suite goes back and forth between keys and each start
+    costs two vLLM imports (the driver's and its worker server's); at most
+    ``MAX_DRIVERS`` hold vLLM in memory at once, the least recently used is
+    closed first."""
+
+    MAX_DRIVERS = 2
 
     def __init__(self):
-        self.driver: EngineDriver | None = None
+        self.drivers: dict[tuple, EngineDriver] = {}  # least recently used first
 
     @staticmethod
     def _key(env: dict[str, str]) -> tuple:
         return tuple(sorted((k, v) for k, v in env.items() if k not in PER_ENGINE_ENV))
 
+    @property
+    def driver(self) -> EngineDriver | None:
+        """The driver that ran the latest engine."""
+        return next(reversed(self.drivers.values()), None)
+
     def run(self, spec: dict, env: dict[str, str], timeout: float):
-        if self.driver is not None and (not self.driver.alive()
-                                        or self._key(self.driver.env) != self._key(env)):
-            self.close()
-        if self.driver is None:
-            self.driver = EngineDriver(env)
+        key = self._key(env)
+        driver = self.drivers.pop(key, None)
+        if driver is not None and not driver.alive():
+            driver.close(kill=True)
+            driver = None
+        if driver is None:
+            while len(self.drivers) >= self.MAX_DRIVERS:
+                self.drivers.pop(next(iter(self.drivers))).close()
+            driver = EngineDriver(env)
             COUNTS.engine_drivers += 1
-        self.driver.env = env
+        self.drivers[key] = driver
+        driver.env = env
         COUNTS.engines += 1
-        data, log, error = self.driver.run(spec, timeout)
+        data, log, error = driver.run(spec, timeout)
         if error is not None:
-            self.driver = None  # it closed itself
+            del self.drivers[key]  # it closed itself
         return data, log, error
 
     def close(self) -> None:
-        if self.driver is not None:
-            self.driver.close()
-            self.driver = None
+        while self.drivers:
+            self.drivers.popitem()[1].close()
 
 
 DRIVERS = DriverPool()
@@ -230,14 +244,21 @@ def run_vllm(model: str | Path, prompts: list[list[int]], *, tp: int = 1, pp: in
                         spec_decode=data.get("spec_decode"))
 
 
+#: This process's environment when the harness was imported. Importing vLLM
+#: in the test process later adds variables of its own (TORCHINDUCTOR_*,
+#: PYTORCH_NVML_BASED_CUDA_CHECK, ...), which every engine sets again when it
+#: imports vLLM; read live, they would key a second driver for nothing.
+SESSION_ENVIRON = dict(os.environ)
+
+
 def engine_env(world: int, env: dict[str, str] | None = None,
                pretend_amx: bool | None = None) -> dict[str, str]:
-    """The environment one engine runs with: this process's, without any
-    FlashComm2 flag of its own, plus the CPU env for ``world`` ranks and the
-    engine's ``env``."""
+    """The environment one engine runs with: the session's
+    (``SESSION_ENVIRON``), without any FlashComm2 flag of its own, plus the
+    CPU env for ``world`` ranks and the engine's ``env``."""
     # PYTEST_CURRENT_TEST names the test: no engine reads it, and it would
     # give every test a driver of its own.
-    proc_env = {k: v for k, v in os.environ.items()
+    proc_env = {k: v for k, v in SESSION_ENVIRON.items()
                 if k not in FEATURE_ENV and k != "PYTEST_CURRENT_TEST"}
     proc_env.update(base_env(world))
     proc_env.update(env or {})
