@@ -4,10 +4,10 @@ Importing vLLM costs about 15 s of the ~37 s an engine run takes on the CI
 machine; a driver pays it once. Each engine still gets fresh workers
 (``distributed_executor_backend="mp"`` even at TP=1), started with that
 engine's own environment, so the model, the plugin's per-process state and
-vLLM's distributed groups never outlive their engine. The workers are forked
-from a server that imported vLLM's worker modules once
-(``forkserver_workers.py``), not spawned: a spawned worker imports vLLM again. What does
-live in the driver (vLLM's front end and engine core) is reset per engine:
+vLLM's distributed groups never outlive their engine. The workers are
+forked from a server that imported vLLM's worker modules once
+(``forkserver_workers.py``), not spawned: a spawned worker imports vLLM
+again. What does live in the driver (vLLM's front end and engine core) is reset per engine:
 the environment is set exactly as the spec says for the keys an engine may
 change, and vLLM's environment cache is cleared.
 

@@ -85,7 +85,11 @@ def start_server() -> None:
 
 
 def use_for_vllm_workers() -> None:
-    """Make vLLM's multiprocess executor start its workers from the server."""
+    """Make vLLM's multiprocess executor start its workers from the server.
+
+    vLLM 0.27.1 and 0.32.0 both import ``get_mp_context`` into
+    ``vllm/v1/executor/multiproc_executor.py`` and call it there for the
+    workers' context, their pipes and their shared lock."""
     import vllm.v1.executor.multiproc_executor as executor
 
     executor.get_mp_context = lambda: CONTEXT
