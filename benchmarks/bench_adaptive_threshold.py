@@ -31,22 +31,29 @@ DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 def _worker(rank, world_size, a, h, dtype_name, tokens, repeats):
     import torch
 
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
     from vllm_ascend_ext.config import FlashComm2Config
     from vllm_ascend_ext.distributed.parallel_state import init_flashcomm2_groups
-    from vllm_ascend_ext.models.flashcomm2_install import keep_weight_sliceable
-    from vllm_ascend_ext.ops.adaptive_oproj import small_side_route
-    from vllm_ascend_ext.ops.flashcomm2_oproj import FlashComm2RowParallelLinear
+    from vllm_ascend_ext.models.flashcomm2_install import flashcomm2_o_proj_for
+    from vllm_ascend_ext.ops.resident_slice import attach_resident_slice
 
     dtype = getattr(torch, dtype_name)
-    init_flashcomm2_groups(FlashComm2Config(1, False, 1), dp_lockstep=False)
-    layer = FlashComm2RowParallelLinear(a, h, bias=False, params_dtype=dtype,
-                                        adaptive_tokens=1,
-                                        prefix="model.layers.0.self_attn.o_proj")
-    keep_weight_sliceable(layer, layer.prefix)
+    cfg = FlashComm2Config(1, False, 1, adaptive_tokens=1)
+    init_flashcomm2_groups(cfg, dp_lockstep=False)
+    name = "model.layers.0.self_attn.o_proj"
+    with set_current_vllm_config(VllmConfig()):
+        # FlashComm2 alone, as the model install builds it: plain TP's o_proj
+        # kept for the small side.
+        old = RowParallelLinear(a, h, bias=False, params_dtype=dtype, prefix=name)
+        layer = flashcomm2_o_proj_for(old, cfg, name)
+        attach_resident_slice(layer, old)
     g = torch.Generator().manual_seed(0)
     layer.weight.weight_loader(layer.weight, (torch.randn(h, a, generator=g) * 0.02).to(dtype))
-    layer.quant_method.process_weights_after_loading(layer)
-    route = small_side_route(layer)
+    for module in layer.modules():  # vLLM's pass: the layer, then its slice
+        module.quant_method.process_weights_after_loading(module)
+    route = "resident slice (vLLM's RowParallelLinear)"
     a_local = a // world_size
     rows = []
     for T in tokens:

@@ -1,18 +1,17 @@
-"""Adaptive FlashComm2 on real gloo groups: plain row-parallel at or below the
-threshold, FlashComm2 above it, from the same weights.
+"""Adaptive FlashComm2 on real gloo groups: plain TP's own o_proj at or below
+the threshold, FlashComm2 above it, loaded from the same checkpoint tensors.
 
-- fp32 layers at TP2 (k=1) and TP4 (k=1, k=2), with and without o_shared,
-  with a bias, full and sequence-parallel outputs: every token count on both
-  sides of the threshold matches the float64 reference; below it no
-  all-to-all runs and vLLM's TP all-reduce does, above it the reverse;
+- fp32 layers at TP2 (k=1) and TP4 (k=1, k=2), with and without o_shared
+  (round-robin), with a bias, full and sequence-parallel outputs: every
+  token count on both sides of the threshold matches the float64 reference;
+  below it the resident slice runs, with vLLM's TP all-reduce and no
+  all-to-all, above it the reverse;
 - torch.compile(fullgraph, dynamic) over batches on both sides: one graph,
   no recompilation, both sides taken;
-- real W8A8 layers (vLLM's compressed-tensors method): the small-batch side
-  against vLLM's own ``RowParallelLinear`` at the same TP, on o_shared's plain
-  int8 route (a row view of the int8 weight) and on the kernel's opaque
-  oneDNN route (zero-padded input through the layer's method);
-- no extra weight bytes: the layer's parameters are the same storages with
-  the switch on.
+- real W8A8 layers (vLLM's compressed-tensors method): the small side is
+  vLLM's own ``RowParallelLinear`` bit for bit, in vLLM's kernel format
+  (FlashComm2 alone) and with the plain int8 weight TP-shard storage keeps
+  (exact int8 arithmetic).
 """
 
 from __future__ import annotations
@@ -33,9 +32,9 @@ def _reference(x, w, b):
     return ref if b is None else ref + b.double()
 
 
-def _spies(op_mod, adaptive_mod, tp_group):
+def _spies(op_mod, tp_group):
     calls = {"all_to_all": 0, "all_reduce": 0, "row_parallel": 0}
-    real = (op_mod.all_to_all_dim0, tp_group.all_reduce, op_mod.row_parallel_forward)
+    real = (op_mod.all_to_all_dim0, tp_group.all_reduce, op_mod.run_resident_slice)
 
     def a2a(x, group):
         calls["all_to_all"] += group.world_size > 1
@@ -51,54 +50,72 @@ def _spies(op_mod, adaptive_mod, tp_group):
 
     op_mod.all_to_all_dim0 = a2a
     tp_group.all_reduce = all_reduce
-    op_mod.row_parallel_forward = row_parallel
+    op_mod.run_resident_slice = row_parallel
 
     def restore():
         op_mod.all_to_all_dim0 = real[0]
         del tp_group.all_reduce
-        op_mod.row_parallel_forward = real[2]
+        op_mod.run_resident_slice = real[2]
 
     return calls, restore
 
 
 def _fp32_worker(rank, world_size, k, oshared):
-    import vllm_ascend_ext.ops.adaptive_oproj as adaptive_mod
     import vllm_ascend_ext.ops.flashcomm2_oproj as op_mod
+    from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.distributed import get_tp_group
+    from vllm.model_executor.layers.linear import RowParallelLinear
 
     from vllm_ascend_ext.config import FlashComm2Config
     from vllm_ascend_ext.distributed.parallel_state import (
         get_flashcomm2_oshared_group,
         init_flashcomm2_groups,
     )
-    from vllm_ascend_ext.models.flashcomm2_install import keep_weight_sliceable
-    from vllm_ascend_ext.ops.adaptive_oproj import small_side_route
+    from vllm_ascend_ext.models.flashcomm2_install import flashcomm2_o_proj_for, join_series
+    from vllm_ascend_ext.ops.resident_slice import attach_resident_slice, resident_slice_of
     from vllm_ascend_ext.ops.shared_weight.series import SharedWeightSeries
 
-    init_flashcomm2_groups(FlashComm2Config(k, oshared, 1), dp_lockstep=False)
+    cfg = FlashComm2Config(k, oshared, 1, adaptive_tokens=THRESHOLD)
+    init_flashcomm2_groups(cfg, dp_lockstep=False)
     P, a_l = world_size, A // world_size
-    layers = [op_mod.FlashComm2RowParallelLinear(
-        A, H, bias=True, params_dtype=torch.float32, adaptive_tokens=THRESHOLD,
-        prefix=f"model.layers.{i}.self_attn.o_proj") for i in range(LAYERS)]
-    series = None
-    if oshared:
-        series = SharedWeightSeries(f"adaptive-{k}", get_flashcomm2_oshared_group(), 1)
-        for layer in layers:
-            series.add_layer(layer)
-    else:
-        for layer in layers:
-            keep_weight_sliceable(layer, layer.prefix)  # as the model install does
+    series = (SharedWeightSeries(f"adaptive-{k}", get_flashcomm2_oshared_group(), 1)
+              if oshared else None)
+    layers = []
+    with set_current_vllm_config(VllmConfig()):
+        for i in range(LAYERS):
+            # vLLM's o_proj, and the FlashComm2 one that the model install puts
+            # in its place, keeping vLLM's as the small side (o_shared: with
+            # the layer in the round-robin series).
+            name = f"model.layers.{i}.self_attn.o_proj"
+            old = RowParallelLinear(A, H, bias=True, params_dtype=torch.float32, prefix=name)
+            new = flashcomm2_o_proj_for(old, cfg, name)
+            if oshared:
+                join_series(new, old, cfg, series, i)
+            else:
+                attach_resident_slice(new, old)
+            layers.append(new)
     g = torch.Generator().manual_seed(3)
     weights = [(torch.randn(H, A, generator=g), torch.randn(H, generator=g)) for _ in layers]
     for layer, (w, b) in zip(layers, weights):
         layer.weight.weight_loader(layer.weight, w)
         layer.bias.weight_loader(layer.bias, b)
     for layer in layers:
-        layer.quant_method.process_weights_after_loading(layer)
-    routes = sorted({small_side_route(layer) for layer in layers})
+        for module in layer.modules():  # vLLM's pass: the layer, then its slice
+            module.quant_method.process_weights_after_loading(module)
+    slices = sum(resident_slice_of(layer) is not None for layer in layers)
+    # A layer built outside the install, with no plain-TP o_proj attached.
+    with set_current_vllm_config(VllmConfig()):
+        bare = op_mod.FlashComm2RowParallelLinear(
+            A, H, bias=False, params_dtype=torch.float32, adaptive_tokens=THRESHOLD,
+            prefix="model.layers.9.self_attn.o_proj")
+    try:
+        bare(torch.zeros(2, a_l))
+        missing = None
+    except RuntimeError as e:
+        missing = str(e)
 
     tp = get_tp_group()
-    calls, restore = _spies(op_mod, adaptive_mod, tp)
+    calls, restore = _spies(op_mod, tp)
     out = []
     try:
         for p in range(2):  # o_shared: the second pass wraps the ring
@@ -134,7 +151,7 @@ def _fp32_worker(rank, world_size, k, oshared):
     layer, (w, b) = layers[0], weights[0]
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
-    calls, restore = _spies(op_mod, adaptive_mod, tp)
+    calls, restore = _spies(op_mod, tp)
     errs = []
     try:
         for T in (3, 30, 2, 17, 8):
@@ -147,7 +164,7 @@ def _fp32_worker(rank, world_size, k, oshared):
     finally:
         restore()
     compiled_frames = counter.frame_count
-    return {"cases": out, "routes": routes, "compiled_errs": errs,
+    return {"cases": out, "slices": slices, "missing": missing, "compiled_errs": errs,
             "compiled_frames": compiled_frames,
             "compiled_row_parallel_calls": calls["row_parallel"]}
 
@@ -157,14 +174,20 @@ def _fp32_worker(rank, world_size, k, oshared):
 def test_switch_matches_reference_on_both_sides(world_size, k, oshared):
     per_rank = run_distributed(_fp32_worker, world_size, k, oshared, timeout=600)
     for rank, res in enumerate(per_rank):
-        assert res["routes"] == ["column view"], res["routes"]
+        assert res["slices"] == LAYERS, res["slices"]
+        # without one, the first small pass names the layer and the fix
+        assert res["missing"].startswith(
+            "'model.layers.9.self_attn.o_proj': adaptive FlashComm2 runs small passes through "
+            "plain TP's o_proj, but none was attached"), res["missing"]
         for c in res["cases"]:
             assert c["shape_ok"], (rank, c)
             assert c["err"] < 1e-5, (rank, c)
             if c["small"]:
                 assert c["calls"]["row_parallel"] == 1, (rank, c)
                 assert c["calls"]["all_to_all"] == 0, (rank, c)
-                assert c["calls"]["all_reduce"] == (0 if "sp=True" in c["case"] else 1), (rank, c)
+                # vLLM's RowParallelLinear all-reduces; a token-sharded output
+                # is this rank's block of the sum
+                assert c["calls"]["all_reduce"] == 1, (rank, c)
             else:
                 assert c["calls"]["row_parallel"] == 0, (rank, c)
                 assert c["calls"]["all_reduce"] == 0, (rank, c)
@@ -199,58 +222,40 @@ def _exact_w8a8_row_parallel(x, w_q, w_s, in_scale, rank, world_size):
 
 def _w8a8_worker(rank, world_size):
     from test_int8_all_to_all import A as QA
+    from test_int8_all_to_all import H as QH
     from test_int8_all_to_all import _w8a8_layer
     from vllm.model_executor.layers.linear import RowParallelLinear
 
     from vllm_ascend_ext.config import FlashComm2Config
     from vllm_ascend_ext.distributed.parallel_state import init_flashcomm2_groups
-    from vllm_ascend_ext.ops.adaptive_oproj import small_side_route
     from vllm_ascend_ext.tools.tiny_models.w8a8 import quantize_per_channel
 
     init_flashcomm2_groups(FlashComm2Config(1, False, 1), dp_lockstep=False)
-    from test_int8_all_to_all import H as QH
-
     g = torch.Generator().manual_seed(5)
     w_q, w_s = quantize_per_channel(torch.randn(QH, QA, generator=g) * 0.05)
     in_scale = torch.tensor([3.0 / 127.0])
     out = []
-    for activations in ("dynamic", "static"):
-        tp_ref = _w8a8_layer(activations, False, False, w_q, w_s, in_scale, cls=RowParallelLinear)
-        for plain in (True, False):
-            layer = _w8a8_layer(activations, True, plain, w_q, w_s, in_scale,
-                                adaptive_tokens=THRESHOLD)
-            route = small_side_route(layer)
+    for activations, symmetric in (("dynamic", True), ("static", True), ("dynamic", False)):
+        scale = in_scale if activations == "static" else None
+        tp_ref = _w8a8_layer(activations, False, False, w_q, w_s, scale, cls=RowParallelLinear,
+                             symmetric=symmetric)
+        # The slice in vLLM's kernel format (FlashComm2 alone), and as TP-shard
+        # storage keeps it: a plain int8 tensor (symmetric activations only).
+        for plain in ((False, True) if symmetric else (False,)):
+            layer = _w8a8_layer(activations, True, False, w_q, w_s, scale, symmetric=symmetric,
+                                slice_plain=plain, adaptive_tokens=THRESHOLD)
             for T in (1, 4, 8):
                 x = (torch.randn(T, QA // world_size, generator=g) * (1 + rank)).to(torch.bfloat16)
                 y, _ = layer(x)
                 want, _ = tp_ref(x)
-                exact = _exact_w8a8_row_parallel(x, w_q, w_s, in_scale if activations == "static"
-                                                 else None, rank, world_size)
-                out.append({"case": f"{activations} {'plain' if plain else 'oneDNN'} T={T}",
-                            "route": route,
+                exact = _exact_w8a8_row_parallel(x, w_q, w_s, scale, rank, world_size)
+                out.append({"case": f"{activations}{'' if symmetric else ' asymmetric'} "
+                                    f"{'plain' if plain else 'vLLM format'} T={T}",
+                            "equal": torch.equal(y, want),
                             "max_diff": float((y.float() - want.float()).abs().max()),
                             "max_diff_exact": float((y.double() - exact).abs().max()),
                             "scale": float(want.float().abs().max())})
-    # Asymmetric dynamic activations (a zero point per token): adaptive keeps
-    # the oneDNN handle (the plain-int8 route is for symmetric ones) and the
-    # small side pads the input, which the kernel's zero-point term handles.
-    tp_ref = _w8a8_layer("dynamic", False, False, w_q, w_s, None, cls=RowParallelLinear,
-                         symmetric=False)
-    layer = _w8a8_layer("dynamic", True, False, w_q, w_s, None, symmetric=False,
-                        sliceable=True, adaptive_tokens=THRESHOLD)
-    for T in (1, 4, 8):
-        x = (torch.randn(T, QA // world_size, generator=g) * (1 + rank)).to(torch.bfloat16)
-        y, want = layer(x)[0], tp_ref(x)[0]
-        out.append({"case": f"dynamic asymmetric oneDNN T={T}",
-                    "route": small_side_route(layer),
-                    "max_diff": float((y.float() - want.float()).abs().max()),
-                    "scale": float(want.float().abs().max())})
     return out
-
-
-_NO_AMX = pytest.mark.skipif(
-    cpu_has_amx(), reason="needs a CPU without AMX (amx_tile): with AMX vLLM's int8 kernel "
-    "keeps a VNNI-packed weight, not the oneDNN/plain routes compared here")
 
 
 @pytest.fixture(scope="module")
@@ -258,25 +263,39 @@ def w8a8_small_side():
     return run_distributed(_w8a8_worker, 2, timeout=600)
 
 
-@_NO_AMX
-def test_w8a8_small_side_is_plain_tps_int8_arithmetic(w8a8_small_side):
-    """Each layer takes its route, and the int8 row view computes plain TP's
-    W8A8 product exactly (bf16 output rounding only) on any CPU."""
+def test_w8a8_small_side_is_vllms_own_row_parallel(w8a8_small_side):
+    """With the slice in vLLM's kernel format (FlashComm2 alone), the small
+    side is vLLM's W8A8 RowParallelLinear at the same TP, bit for bit, on
+    every CPU kind (the same kernel on the same bytes)."""
     for rank, results in enumerate(w8a8_small_side):
-        for r in results:
-            assert r["route"] == ("int8 row view" if "plain" in r["case"]
-                                  else "zero-padded input"), r
-            if "plain" in r["case"]:
-                assert r["max_diff_exact"] <= 2 ** -7 * r["scale"], (rank, r)
+        checked = [r for r in results if "vLLM format" in r["case"]]
+        assert len(checked) == 9
+        for r in checked:
+            assert r["equal"], (rank, r)
+
+
+_NO_AMX = pytest.mark.skipif(
+    cpu_has_amx(), reason="needs a CPU without AMX (amx_tile): with AMX vLLM's int8 kernel "
+    "keeps a VNNI-packed weight, not the plain int8 tensor compared here")
+
+
+@_NO_AMX
+def test_w8a8_plain_slice_is_plain_tps_int8_arithmetic(w8a8_small_side):
+    """TP-shard storage's plain int8 slice computes plain TP's W8A8 product
+    exactly (bf16 output rounding only) on any CPU without AMX."""
+    for rank, results in enumerate(w8a8_small_side):
+        checked = [r for r in results if "plain" in r["case"]]
+        assert len(checked) == 6
+        for r in checked:
+            assert r["max_diff_exact"] <= 2 ** -7 * r["scale"], (rank, r)
 
 
 @_NO_AMX
 @pytest.mark.skipif(not cpu_has_int8_vnni(), reason=int8_vnni_skip_reason())
-def test_w8a8_small_side_matches_vllm_row_parallel(w8a8_small_side):
-    """Where vLLM's oneDNN int8 GEMM is exact, both routes give vLLM's
+def test_w8a8_plain_slice_matches_vllm_row_parallel(w8a8_small_side):
+    """Where vLLM's oneDNN int8 GEMM is exact, the plain int8 slice gives vLLM's
     RowParallelLinear numbers (bf16 output rounding only). Without VNNI its
-    saturating pair sums depend on the input's width and padding, so neither
-    the int8 row view nor the zero-padded input can reproduce them."""
+    saturating pair sums are not exact, so the two cannot agree."""
     for rank, results in enumerate(w8a8_small_side):
         for r in results:
             assert r["max_diff"] <= 2 ** -7 * r["scale"], (rank, r)
@@ -344,3 +363,4 @@ def test_layer_refuses_skip_bias_add_with_the_switch():
             ValueError, match="skip_bias_add with a bias is not supported with adaptive"):
         FlashComm2RowParallelLinear(A, H, bias=True, skip_bias_add=True, adaptive_tokens=4,
                                     **_stub_groups(2, 1, 0))
+

@@ -54,10 +54,14 @@ A, H = 256, 128  # o_proj input (heads x v_head_dim) and output sizes
 
 
 def _w8a8_layer(activations, int8_a2a, plain_route, w_q, w_s, in_scale, *,
-                cls=None, symmetric=True, sliceable=False, **kwargs):
+                cls=None, symmetric=True, slice_plain=None, **kwargs):
     """A real compressed-tensors W8A8 o_proj (FlashComm2's, or ``cls``) with
-    ``w_q``/``w_s``/``in_scale`` loaded and processed as in a bf16 engine
-    (``sliceable``: the model install's post-load under adaptive FlashComm2)."""
+    ``w_q``/``w_s``/``in_scale`` loaded and processed as in a bf16 engine.
+
+    ``slice_plain`` (adaptive FlashComm2): keep vLLM's own W8A8
+    ``RowParallelLinear`` as the layer's resident slice, as the model
+    install does, its int8 weight a plain tensor (True: as TP-shard storage
+    keeps it) or in vLLM's kernel format (False: FlashComm2 alone)."""
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
         CompressedTensorsConfig,
@@ -77,14 +81,23 @@ def _w8a8_layer(activations, int8_a2a, plain_route, w_q, w_s, in_scale, *,
     with set_current_vllm_config(VllmConfig()):
         layer = cls(A, H, bias=False, params_dtype=torch.bfloat16, quant_config=qc,
                     prefix=prefix, **kwargs)
+        row_parallel = None
+        if slice_plain is not None:
+            from vllm.model_executor.layers.linear import RowParallelLinear
+
+            from vllm_ascend_ext.ops.resident_slice import attach_resident_slice
+
+            row_parallel = RowParallelLinear(A, H, bias=False, params_dtype=torch.bfloat16,
+                                             quant_config=qc, prefix=prefix)
+            if slice_plain:
+                method = row_parallel.quant_method
+                method.process_weights_after_loading = keep_int8_weight_plain(
+                    row_parallel, method.process_weights_after_loading, prefix)
+            attach_resident_slice(layer, row_parallel)  # fed by the layer's loaders
     for name, value in (("weight", w_q), ("weight_scale", w_s), ("input_scale", in_scale)):
         param = getattr(layer, name, None)
         if param is not None and value is not None:
             param.weight_loader(param, value)
-    if sliceable:
-        from vllm_ascend_ext.models.flashcomm2_install import keep_weight_sliceable
-
-        keep_weight_sliceable(layer, prefix)
     post = layer.quant_method.process_weights_after_loading
     if plain_route:  # what o_shared does for its members on this kernel route
         post = keep_int8_weight_plain(layer, post, prefix)
@@ -92,6 +105,8 @@ def _w8a8_layer(activations, int8_a2a, plain_route, w_q, w_s, in_scale, *,
     torch.set_default_dtype(torch.bfloat16)  # as during a bf16 engine's load
     try:
         post(layer)
+        if row_parallel is not None:
+            row_parallel.quant_method.process_weights_after_loading(row_parallel)
     finally:
         torch.set_default_dtype(default)
     return layer

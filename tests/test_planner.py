@@ -153,6 +153,19 @@ def test_deepseek_v3_tp16_default_flags_store_plain_tp_plus_one_slot():
     assert mem["round_robin_received_bytes_per_layer"] == W
 
 
+def test_flashcomm2_alone_keeps_plain_tps_o_proj_for_the_small_steps():
+    """Without o_shared the adaptive switch's small side is plain TP's own
+    o_proj, kept beside FlashComm2's replicated one (W/P more per layer); with
+    the switch off there is none."""
+    on = plan(DSV3, PlanInputs(tp=16, weight_dtype="bf16"))["memory"]
+    off = plan(DSV3, PlanInputs(tp=16, weight_dtype="bf16", adaptive_tokens=0))["memory"]
+    assert on["flashcomm2_bytes"] == on["replicated_bytes"] + on["plain_tp_bytes"]
+    assert off["flashcomm2_bytes"] == off["replicated_bytes"]
+    from vllm_ascend_ext.tools.planner.text import format_text
+
+    assert "FlashComm2 alone as configured" in format_text(plan(DSV3, PlanInputs(tp=16)))
+
+
 def test_round_robin_only_where_it_stores_less():
     """A group spanning MoE DP replicas with the threshold at 0 (a prefill-only
     instance): round-robin holds L W / n, less than plain TP's L W / P."""

@@ -76,7 +76,10 @@ def _mixed_passes(rank, world_size, start, step, compiled, seed):
 
     init_flashcomm2_groups(FlashComm2Config(1, True, step, adaptive_tokens=THRESHOLD),
                            dp_lockstep=False)
+    from vllm_ascend_ext.ops.side_counter import count_sides
+
     layers, weights, series = _build(start, step)
+    counts = [count_sides(layer) for layer in layers]
     a_l = A // world_size
 
     def stack(xs):  # every layer in one graph, as vLLM compiles a model
@@ -106,7 +109,7 @@ def _mixed_passes(rank, world_size, start, step, compiled, seed):
         restore()
     report = series.memory_report()
     series.close()
-    return {"passes": passes, "calls": [list(layer.adaptive_calls) for layer in layers],
+    return {"passes": passes, "calls": [[c.flashcomm2, c.row_parallel] for c in counts],
             "slice_bytes": sum(resident_slice_bytes(layer) for layer in layers),
             "resident_bytes": report.resident_bytes, "per_layer_bytes": report.per_layer_bytes}
 
@@ -171,6 +174,9 @@ def _dp_replicas(rank, world_size, seed):
     group = make_group_coordinator([[0, 1, 2, 3]], "slice_dp_oshared")
     try:
         layers, weights, series = _build(0, 1, dp_lockstep=True, group=group)
+        from vllm_ascend_ext.ops.side_counter import count_sides
+
+        sides = [count_sides(layer) for layer in layers]
         replica = rank // 2
         counts = torch.tensor([2, 20], dtype=torch.int32)
         T = int(counts[replica])
@@ -187,7 +193,7 @@ def _dp_replicas(rank, world_size, seed):
                 ref = _reference(x, w, b)
                 err = max(err, float((y.double() - ref).abs().max() / ref.abs().max()))
         series.synchronize()
-        return {"err": err, "calls": [list(layer.adaptive_calls) for layer in layers]}
+        return {"err": err, "calls": [[c.flashcomm2, c.row_parallel] for c in sides]}
     finally:
         group.destroy()
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from tests.ascend_real import layers as L
+from vllm_ascend_ext.ops.side_counter import count_sides
 
 SCHEMES = (None, "W8A8", "W8A8_DYNAMIC")
 TOKENS = (1, 9)  # 9: not a multiple of 2 or 4, so FlashComm2 pads
@@ -120,9 +121,12 @@ def flashcomm2_vs_plain_tp(rank: int, P: int, ks: tuple[int, ...]) -> dict:
 
 
 def adaptive_small_side(rank: int, P: int, ks: tuple[int, ...]) -> dict:
-    """Contract 9: the switch's row-parallel side on the real W8A8-static
-    scheme with an activation offset, against plain TP."""
-    from vllm_ascend_ext.ops.adaptive_oproj import small_side_route
+    """Contract 9: the switch's small side is plain TP's own o_proj (vLLM's
+    ``RowParallelLinear``, which vllm-ascend builds as its
+    ``AscendRowParallelLinear``), kept beside the FlashComm2 layer and loaded
+    through its loaders, on the real W8A8-static scheme with an activation
+    offset; against a separately built plain TP layer."""
+    from vllm_ascend_ext.ops.resident_slice import attach_resident_slice
 
     out: dict = {}
     scheme = "W8A8"
@@ -133,14 +137,18 @@ def adaptive_small_side(rank: int, P: int, ks: tuple[int, ...]) -> dict:
     for k in ks:
         with _FlashComm2Groups(k):
             layer = L.flashcomm2(scheme, int8_all_to_all=True, adaptive_tokens=ADAPTIVE_TOKENS)
+            kept = L.plain_tp(scheme)
+            attach_resident_slice(layer, kept)  # as the model install does
             L.load(layer, ckpt)
-            L.post_process(layer)
+            for module in layer.modules():  # vLLM's pass: the layer, then its slice
+                L.post_process(module)
+            counts = count_sides(layer)
             for T in (2, ADAPTIVE_TOKENS, 9):
                 x, x_local = _inputs(rank, P, T, seed=200 + T)
                 y, ref = layer(x_local)[0], plain(x_local)[0]
                 out[f"k={k} T={T}"] = {"gap": _gap(y, ref), "scale": _max_abs(ref)}
-            out[f"k={k} route"] = small_side_route(layer)
-            out[f"k={k} calls"] = list(layer.adaptive_calls)  # [FlashComm2, row-parallel]
+            out[f"k={k} slice"] = f"{type(kept).__module__}.{type(kept).__qualname__}"
+            out[f"k={k} calls"] = [counts.flashcomm2, counts.row_parallel]
     return out
 
 
@@ -241,6 +249,7 @@ def tp_shard_over_real_methods(rank: int, P: int, k: int, num_layers: int = 4) -
             for layer in shared + alone + plain:  # vLLM's pass: parent, then its slice
                 for module in layer.modules():
                     L.post_process(module)
+            counts = [count_sides(lay) for lay in shared]
             gaps, small_gaps, scale = [], [], 0.0
             for step in range(2):  # two passes: the ring wraps around
                 for T in (2, 9):
@@ -265,7 +274,7 @@ def tp_shard_over_real_methods(rank: int, P: int, k: int, num_layers: int = 4) -
                 "memory": {"slots": report.slots, "group": report.group_size,
                            "gathered": report.gathered_bytes_per_layer,
                            "shard": report.shard_bytes},
-                "calls": [list(lay.adaptive_calls) for lay in shared],
+                "calls": [[c.flashcomm2, c.row_parallel] for c in counts],
                 "gathers": storage.num_gathers,
             }
             storage.close()

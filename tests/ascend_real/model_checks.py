@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from vllm_ascend_ext.ops.side_counter import SideCounts, count_sides, side_counts
+
 #: the name vllm-ascend's MLA impl keeps the o_proj under (attention/mla_v1.py)
 IMPL_O_PROJ = "o_proj"
 
@@ -222,6 +224,8 @@ def mla_forward_through_real_impl(rank: int, vllm_config: Any) -> dict:
                 _calls.append(kwargs.get("is_prefill", "missing"))
 
             attn.o_proj.register_forward_pre_hook(record, with_kwargs=True)
+            if getattr(attn.o_proj, "adaptive_tokens", 0):
+                count_sides(attn.o_proj)
 
     g = torch.Generator().manual_seed(7)
     out: dict = {"batches": {}}
@@ -260,8 +264,9 @@ def mla_forward_through_real_impl(rank: int, vllm_config: Any) -> dict:
         out["series"][name] = {
             "storage": storage, "layers": len(series.layers), "waits": series.num_waits,
             "transfers": series.num_gathers if storage == "tp_shard" else series.num_broadcasts,
-            "row_parallel_calls": sum(l.self_attn.o_proj.adaptive_calls[1]
-                                      for l in models[name].model.layers)}
+            "row_parallel_calls": sum(
+                (side_counts(l.self_attn.o_proj) or SideCounts()).row_parallel
+                for l in models[name].model.layers)}
     out["slice_classes"] = sorted({_qualname(l.self_attn.o_proj.resident_slice)
                                    for l in models["slice"].model.layers})
     for m in models.values():

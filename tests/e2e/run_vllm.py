@@ -81,6 +81,8 @@ def run_engine(spec: dict) -> dict:
         ignore_eos=True,
     )
     prompts = [{"prompt_token_ids": ids} for ids in spec["prompts"]]
+    for rpc in spec.get("rpc_before_generate", []):  # e.g. start counting per side
+        llm.collective_rpc(_rpc_target(rpc))
     outputs = llm.generate(prompts, params, use_tqdm=False)
     import vllm_ascend_ext
 
@@ -98,17 +100,21 @@ def run_engine(spec: dict) -> dict:
     if spec.get("spec_decode_metrics"):
         result["spec_decode"] = _spec_decode_counters(llm)
     for rpc in spec.get("collective_rpc", []):
-        # "package.module:function" runs that function on every worker.
-        target = rpc
-        if ":" in rpc:
-            import importlib
-
-            mod, fn = rpc.split(":")
-            target = getattr(importlib.import_module(mod), fn)
-        result.setdefault("rpc", {})[rpc] = llm.collective_rpc(target)
+        result.setdefault("rpc", {})[rpc] = llm.collective_rpc(_rpc_target(rpc))
     llm.llm_engine.engine_core.shutdown()
     del llm
     return result
+
+
+def _rpc_target(rpc: str):
+    """"package.module:function" runs that function on every worker; a bare
+    name is a worker method."""
+    if ":" not in rpc:
+        return rpc
+    import importlib
+
+    mod, fn = rpc.split(":")
+    return getattr(importlib.import_module(mod), fn)
 
 
 def main(spec_path: str, out_path: str) -> None:

@@ -195,7 +195,7 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
         get_flashcomm2_oshared_group,
         init_flashcomm2_groups,
     )
-    from vllm_ascend_ext.ops.resident_slice import resident_slice_of
+    from vllm_ascend_ext.ops.resident_slice import attach_resident_slice, resident_slice_of
 
     dp_lockstep = dp_replicas_in_lockstep(vllm_config)
     init_flashcomm2_groups(cfg, dp_lockstep=dp_lockstep)
@@ -227,7 +227,10 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
             if resident_slice_of(new) is not None:
                 kept_by[name] = new
         elif cfg.adaptive_tokens:
-            keep_weight_sliceable(new, name)
+            # FlashComm2 alone: plain TP's o_proj for the small side, contiguous
+            # and in its own kernel's format (W/P more per layer).
+            attach_resident_slice(new, old)
+            kept_by[name] = new
         state.o_proj_prefixes.append(name)
         replaced[name] = weakref.ref(old)
         del old
@@ -242,8 +245,8 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
         len(state.o_proj_prefixes), cfg.parallel_size,
         f"on, {state.storage} storage" if state.storage else "off",
         cfg.prefetch_step, cfg.adaptive_tokens,
-        f"; resident row-parallel slices on {len(kept_by)} layers: small passes move no "
-        "o_shared bytes" if kept_by else "",
+        f"; plain TP's o_proj kept on {len(kept_by)} layers: small passes run it, with "
+        "no FlashComm2 collective and no o_shared transfer" if kept_by else "",
     )
     return state
 
@@ -321,29 +324,6 @@ def join_series(new: nn.Module, old: nn.Module, cfg, series, layer_idx: int,
         attach_resident_slice(new, old)
         # Every member of the group must take one side per pass.
         new.adaptive_dp_wide = dp_lockstep
-
-
-def keep_weight_sliceable(layer: nn.Module, name: str) -> None:
-    """On vLLM CPU, keep the processed o_proj weight a plain tensor, as o_shared
-    members do, so that adaptive FlashComm2's small-batch side can take a
-    column view of it (a oneDNN handle has no columns to take). The same bytes
-    either way; other platforms keep their own format."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return
-    from vllm_ascend_ext.compat import keep_cpu_linear_weight_plain
-    from vllm_ascend_ext.ops.cpu_int8 import int8_kernel_of, keep_int8_weight_plain
-
-    method = layer.quant_method
-    post = keep_cpu_linear_weight_plain(layer, method.process_weights_after_loading)
-    kernel = int8_kernel_of(layer)
-    if kernel is None or kernel.config.input_symmetric:
-        # Asymmetric int8 keeps its oneDNN handle: the small side then pads
-        # the input, which the kernel's zero-point correction handles per rank.
-        post = keep_int8_weight_plain(layer, post, name)
-    if post is not method.process_weights_after_loading:
-        method.process_weights_after_loading = post
 
 
 class FlashComm2ModelMixin:

@@ -24,6 +24,19 @@ def _add_storages(seen: dict[int, int], module, recurse: bool) -> None:
             seen[st.data_ptr()] = st.nbytes()
 
 
+def count_adaptive_sides(worker) -> int:
+    """Start counting, on every adaptive o_proj of the worker's model, the
+    calls per side of the switch (``ops/side_counter.py``; run it before the
+    requests to count, :func:`oproj_memory` reports the counts). Returns how
+    many layers count."""
+    from vllm_ascend_ext.ops.side_counter import count_sides
+
+    layers = [m for m in _model_of(worker).modules() if getattr(m, "adaptive_tokens", 0)]
+    for layer in layers:
+        count_sides(layer)
+    return len(layers)
+
+
 def oproj_memory(worker) -> dict:
     from vllm.model_executor.layers.linear import LinearBase
     from vllm.model_executor.models.utils import extract_layer_index
@@ -38,9 +51,11 @@ def oproj_memory(worker) -> dict:
     # Per o_proj: the route of its int8 all-to-all, "off" where it sends the
     # activation dtype (ops/int8_all_to_all.py).
     a2a_routes: list[str] = []
-    # Adaptive FlashComm2: forward calls per side, and how the small side
-    # reads this rank's columns (ops/adaptive_oproj.py).
-    adaptive = {"flashcomm2_calls": 0, "row_parallel_calls": 0, "small_side_routes": set()}
+    # Adaptive FlashComm2: forward calls per side (None unless counting was
+    # asked for before the requests: ops/side_counter.py), and how many
+    # layers keep plain TP's o_proj for the small side (ops/resident_slice.py).
+    adaptive = {"flashcomm2_calls": None, "row_parallel_calls": None,
+                "layers_with_resident_slice": 0}
     # o_shared's resident row-parallel slices (ops/resident_slice.py), in
     # bytes as loaded (vLLM CPU packs them into handles no tensor shows).
     slice_bytes = 0
@@ -54,11 +69,15 @@ def oproj_memory(worker) -> dict:
         int8_in = module.int8_input() if hasattr(module, "int8_input") else None
         a2a_routes.append("off" if int8_in is None else int8_in.route)
         if getattr(module, "adaptive_tokens", 0):
-            from vllm_ascend_ext.ops.adaptive_oproj import small_side_route
+            from vllm_ascend_ext.ops.resident_slice import resident_slice_of
+            from vllm_ascend_ext.ops.side_counter import side_counts
 
-            adaptive["flashcomm2_calls"] += module.adaptive_calls[0]
-            adaptive["row_parallel_calls"] += module.adaptive_calls[1]
-            adaptive["small_side_routes"].add(small_side_route(module))
+            counts = side_counts(module)
+            if counts is not None:
+                for key, n in (("flashcomm2_calls", counts.flashcomm2),
+                               ("row_parallel_calls", counts.row_parallel)):
+                    adaptive[key] = (adaptive[key] or 0) + n
+            adaptive["layers_with_resident_slice"] += resident_slice_of(module) is not None
         from vllm_ascend_ext.ops.resident_slice import resident_slice_bytes
 
         slice_bytes += resident_slice_bytes(module)
@@ -99,6 +118,6 @@ def oproj_memory(worker) -> dict:
         "o_proj_resident_slice_bytes": slice_bytes,
         "o_proj_classes": sorted(classes),
         "int8_all_to_all_routes": sorted(set(a2a_routes)),
-        "adaptive": adaptive | {"small_side_routes": sorted(adaptive["small_side_routes"])},
+        "adaptive": adaptive,
         "series_report": None if series is None else asdict(series.memory_report()),
     }

@@ -111,31 +111,25 @@ def _process_plain(layer: nn.Module, kernel: Any) -> None:
 
 
 def plain_int8_linear(layer: nn.Module, kernel: Any, x: torch.Tensor,
-                      bias: torch.Tensor | None,
-                      k_rows: tuple[int, int] | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None) -> torch.Tensor:
     """vLLM's per-token (or static) int8 quantization of ``x``, then
-    :func:`plain_int8_matmul` (``k_rows``: the weight rows ``x``'s columns meet)."""
+    :func:`plain_int8_matmul`."""
     from vllm import _custom_ops as ops
 
     i_s = getattr(layer, kernel.layer_param_names[2], None)
     shape = x.shape
     x_q, x_s, _ = ops.onednn_scaled_int8_quant(
         x.reshape(-1, shape[-1]).contiguous(), i_s, None, True)
-    out = plain_int8_matmul(layer, kernel, x_q, x_s, bias, x.dtype, k_rows)
+    out = plain_int8_matmul(layer, kernel, x_q, x_s, bias, x.dtype)
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
 def plain_int8_matmul(layer: nn.Module, kernel: Any, x_q: torch.Tensor, x_s: torch.Tensor,
-                      bias: torch.Tensor | None, out_dtype: torch.dtype,
-                      k_rows: tuple[int, int] | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """``[M, K]`` int8 activations with their scale (per token ``[M, 1]`` or one
-    per tensor) times the plain ``[K, N]`` int8 weight, in ``out_dtype``;
-    ``k_rows`` multiplies by rows ``[lo, hi)`` of the weight only (a view: the
-    per-output-channel scales apply unchanged)."""
+    per tensor) times the plain ``[K, N]`` int8 weight, in ``out_dtype``."""
     w_q_name, w_s_name, _, _, _ = kernel.layer_param_names
     w_q, w_s = getattr(layer, w_q_name), getattr(layer, w_s_name)
-    if k_rows is not None:
-        w_q = w_q[k_rows[0]:k_rows[1]]
     acc = torch._int_mm(x_q, w_q)
     out = acc.to(torch.float32) * x_s.reshape(-1, 1).to(torch.float32) * w_s
     out = out.to(out_dtype)

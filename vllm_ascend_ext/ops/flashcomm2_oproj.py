@@ -53,11 +53,7 @@ from vllm_ascend_ext.distributed.communication import (
     all_to_all_dim0,
     reduce_scatter_dim0,
 )
-from vllm_ascend_ext.ops.adaptive_oproj import (
-    adaptive_oproj,
-    register_adaptive_layer,
-    row_parallel_forward,
-)
+from vllm_ascend_ext.ops.adaptive_oproj import adaptive_oproj, register_adaptive_layer
 from vllm_ascend_ext.ops.ascend_linear import platform_linear_method
 from vllm_ascend_ext.ops.flashcomm2_plan import padded_token_count, permute_blocks_for_all_to_all
 from vllm_ascend_ext.ops.int8_all_to_all import (
@@ -67,6 +63,7 @@ from vllm_ascend_ext.ops.int8_all_to_all import (
     quantize_per_token,
 )
 from vllm_ascend_ext.ops.quant_terms import apply_linear
+from vllm_ascend_ext.ops.resident_slice import run_resident_slice
 
 #: ops/tp_shard/storage.py binds a layer's OTP view under this name.
 OTP_VIEW_ATTR = "tp_shard_otp_view"
@@ -97,9 +94,11 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
     on the layer to call ``series.wait`` right before the matmul and
     ``series.prefetch_after`` right after it.
 
-    ``adaptive_tokens``: a call with at most this many tokens runs as a
-    plain row-parallel linear from the same weights
-    (:mod:`~vllm_ascend_ext.ops.adaptive_oproj`); 0 = always FlashComm2.
+    ``adaptive_tokens``: a call with at most this many tokens runs plain
+    TP's o_proj, which must be attached as the layer's resident slice before
+    loading (:mod:`~vllm_ascend_ext.ops.adaptive_oproj`,
+    :func:`~vllm_ascend_ext.ops.resident_slice.attach_resident_slice`); 0 =
+    always FlashComm2.
 
     ``int8_all_to_all``: where the processed quant method takes int8 input
     (:func:`~vllm_ascend_ext.ops.int8_all_to_all.int8_input_of`), quantize
@@ -221,8 +220,9 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         self.int8_all_to_all = bool(int8_all_to_all)
         self.adaptive_tokens = int(adaptive_tokens)
         self.adaptive_op_key = register_adaptive_layer(self) if adaptive_tokens else ""
-        #: calls per side of the switch: [FlashComm2, row-parallel]
-        self.adaptive_calls = [0, 0]
+        #: True where the o_shared group spans DP replicas: the largest batch
+        #: across DP picks the side (``adaptive_oproj.switch_tokens``).
+        self.adaptive_dp_wide = False
 
         self.quant_method.create_weights(
             layer=self,
@@ -266,8 +266,10 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
                 f"{type(self).__name__} ({self.prefix!r}): expected {a_local} input "
                 f"features per TP rank, got {input_.shape[-1]}"
             )
-        lead = input_.shape[:-1]
-        x = input_.reshape(-1, a_local)
+        # vLLM hands a 2-D [T, a/P] input: no reshape (each is a dispatch of
+        # host time on the small side, where the matmul is tiny).
+        lead = None if input_.dim() == 2 else input_.shape[:-1]
+        x = input_ if lead is None else input_.reshape(-1, a_local)
         if self.adaptive_tokens > 0:
             # The branch on the token count lives inside one custom op, so
             # torch.compile neither guards on it nor recompiles per side.
@@ -279,7 +281,7 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
             bias = None  # skip_bias_add is refused with the switch (see __init__)
         else:
             out, bias = self.forward_flashcomm2(x, sp)
-        if not sp:
+        if not sp and lead is not None:
             out = out.reshape(*lead, self.output_size)
         if not self.return_bias:
             return out
@@ -354,8 +356,9 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         return out, (bias if self.skip_bias_add else None)
 
     def forward_row_parallel(self, x: torch.Tensor, sp: bool) -> torch.Tensor:
-        """The small-batch side of adaptive FlashComm2 (``ops/adaptive_oproj.py``)."""
-        return row_parallel_forward(self, x, sp)
+        """The small-batch side of adaptive FlashComm2 (``ops/adaptive_oproj.py``):
+        plain TP's own o_proj, kept as this layer's resident slice."""
+        return run_resident_slice(self, x, sp)
 
     @property
     def matmul_layer(self) -> LinearBase:

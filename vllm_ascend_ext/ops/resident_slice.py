@@ -1,11 +1,12 @@
-"""o_shared's small steps from a resident row-parallel slice: no ring, no broadcast.
+"""Adaptive FlashComm2's small steps from a resident row-parallel slice.
 
 Adaptive FlashComm2 runs a forward pass of at most ``adaptive_tokens``
-tokens as plain row-parallel (``ops/adaptive_oproj.py``). Under o_shared the
-weight that side reads lives, for most layers, in a ring slot that some other
-rank broadcasts: so every decode step would still pull every non-owned
-layer's whole o_proj over the wire, although plain TP needs only its own
-``a/P`` input columns of it.
+tokens as plain TP (``ops/adaptive_oproj.py``), which needs only this rank's
+``a/P`` input columns of the o_proj. FlashComm2's own weight is the wrong
+place to read them: under o_shared it lives in a ring slot that another rank
+fills; without o_shared it is the whole ``a/k``-column shard, whose column
+range is a strided view at best (vLLM CPU's oneDNN handle and torch_npu's NZ
+format have no columns to take at all).
 
 Here each rank keeps exactly what plain TP keeps: the o_proj that vLLM (or
 vllm-ascend, on Ascend: ``AscendRowParallelLinear`` with its own quant method)
@@ -20,8 +21,10 @@ touches the series: the ring's state at the start of any pass is "slots hold
 positions ``0..k-1``" (filled by the previous large pass, or at finalisation),
 which a pass that skips the ring leaves as it found it.
 
-Cost: ``L * W / P`` bytes per rank (plain TP's whole o_proj) on top of
-o_shared's owned layers and ring slots.
+Cost: ``L * W / P`` bytes per rank (plain TP's whole o_proj). With
+o_shared's TP-shard storage these are the shards themselves (nothing more);
+on top of round-robin's owned layers, or of FlashComm2's replicated weight
+without o_shared, they are extra.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from vllm_ascend_ext.ops.flashcomm2_plan import padded_token_count
 
 __all__ = [
     "RESIDENT_SLICE_ATTR",
@@ -99,11 +104,14 @@ def resident_slice_bytes(layer: nn.Module) -> int:
 def run_resident_slice(layer: nn.Module, x: torch.Tensor, sp: bool) -> torch.Tensor:
     """``x`` ``[T, a/P]`` through vLLM's own row-parallel o_proj: ``[T, h]``
     summed over TP (or this rank's padded token block with ``sp``)."""
-    rp = resident_slice_of(layer)
+    rp = layer._modules.get(RESIDENT_SLICE_ATTR)
+    if rp is None:
+        raise RuntimeError(
+            f"{getattr(layer, 'prefix', '')!r}: adaptive FlashComm2 runs small passes through "
+            "plain TP's o_proj, but none was attached to this layer (attach_resident_slice "
+            "before loading; the model install does)")
     tp = layer.flashcomm2_tp_group
     if sp:
-        from vllm_ascend_ext.ops.flashcomm2_plan import padded_token_count
-
         num_tokens = x.shape[0]
         x = torch.nn.functional.pad(
             x, (0, 0, 0, padded_token_count(num_tokens, tp.world_size) - num_tokens))

@@ -336,6 +336,10 @@ def plan(shape: ModelShape, x: PlanInputs) -> dict[str, Any]:
             "worst_stage": worst.pp_rank,
             "plain_tp_bytes": worst.plain_tp_bytes,
             "replicated_bytes": worst.replicated_bytes,
+            # FlashComm2 without o_shared as configured: its replicated shard,
+            # plus plain TP's o_proj kept for the small steps when the switch
+            # is on
+            "flashcomm2_bytes": worst.replicated_bytes + slices,
             "ours_bytes": worst.ours_max_bytes,
             "upstream_bytes": worst.upstream_bytes,
             "floor_bytes": worst.floor_bytes,

@@ -19,7 +19,7 @@ def recommend(p: dict[str, Any]) -> list[str]:
     lines = [
         f"o_shared storage: {mem['storage']} ({mem['storage_reason']}). It holds "
         f"{_gib(mem['ours_total_bytes'])} of o_proj per rank on the worst PP stage, against "
-        f"{_gib(mem['replicated_bytes'])} for FlashComm2 alone, "
+        f"{_gib(mem['flashcomm2_bytes'])} for FlashComm2 alone, "
         f"{_gib(mem[other + '_bytes'])} with {other} storage and "
         f"{_gib(mem['plain_tp_bytes'])} for plain TP; upstream's ring would hold "
         f"{_gib(mem['upstream_bytes'])}, the 1/{n} floor is {_gib(mem['floor_bytes'])}. "
@@ -103,6 +103,9 @@ def format_text(p: dict[str, Any]) -> str:
         f"o_proj bytes per rank (worst PP stage: {mem['worst_stage']})",
         f"  plain TP (no FlashComm2)          {_gib(mem['plain_tp_bytes']):>12}",
         f"  FlashComm2, replicated            {_gib(mem['replicated_bytes']):>12}",
+        f"  FlashComm2 alone as configured    {_gib(mem['flashcomm2_bytes']):>12}"
+        + ("   (+ plain TP's o_proj for the small steps)" if x["adaptive_tokens"]
+           else "   (adaptive off)"),
         f"  round-robin ring (worst rank)     {_gib(mem['ours_bytes']):>12}",
         f"  o_shared, upstream's ring         {_gib(mem['upstream_bytes']):>12}"
         "   (ceil(L/n)W + (s+1)W)",
