@@ -51,12 +51,29 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-__all__ = ["WORLDS", "WorkerError", "free_port", "load_vllm_kernels",
+__all__ = ["WORLDS", "WorkerError", "destroy_flashcomm2_groups_together", "free_port",
+           "load_vllm_kernels",
            "make_group_coordinator", "run_distributed"]
 
 
 class WorkerError(RuntimeError):
     """A worker process raised; the message holds its traceback."""
+
+
+def destroy_flashcomm2_groups_together() -> None:
+    """``destroy_flashcomm2_groups`` once every rank of the world has finished
+    building them. gloo lets a rank finish a new group while a slower peer is
+    still connecting to it; destroying the group then closes that peer's
+    socket mid-handshake ("connectFullMesh failed ... Connection closed by
+    peer"), and the world hangs. Checks that build groups and barely use them
+    (one rank of 4 lagging on 2 busy cores) hit it."""
+    import torch.distributed as dist
+
+    from vllm_ascend_ext.distributed.parallel_state import destroy_flashcomm2_groups
+
+    if dist.is_initialized():
+        dist.barrier()  # the gloo world: every rank is past its group builds
+    destroy_flashcomm2_groups()
 
 
 def free_port() -> int:

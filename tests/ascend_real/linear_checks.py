@@ -43,9 +43,9 @@ class _FlashComm2Groups:
                                dp_lockstep=False)
 
     def __exit__(self, *exc):
-        from vllm_ascend_ext.distributed.parallel_state import destroy_flashcomm2_groups
+        from tests.dist_utils import destroy_flashcomm2_groups_together
 
-        destroy_flashcomm2_groups()
+        destroy_flashcomm2_groups_together()
 
 
 def _inputs(rank: int, P: int, T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

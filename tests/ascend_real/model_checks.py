@@ -88,7 +88,7 @@ def stale_holder_errors(vllm_config: Any) -> dict[str, str]:
     name we do not rewire; (b) the swap as it was before the fix (module
     children only), which leaves the impl's own ``o_proj`` on the old module."""
     import vllm_ascend_ext.models.flashcomm2_install as fi
-    from vllm_ascend_ext.distributed.parallel_state import destroy_flashcomm2_groups
+    from tests.dist_utils import destroy_flashcomm2_groups_together
 
     out = {}
 
@@ -121,7 +121,7 @@ def stale_holder_errors(vllm_config: Any) -> dict[str, str]:
             out[case] = str(e)
         finally:
             fi.replace_module = saved
-            destroy_flashcomm2_groups()
+            destroy_flashcomm2_groups_together()
         del model
     return out
 
