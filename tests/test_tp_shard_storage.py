@@ -212,11 +212,13 @@ def _run_case(rank, world_size, case):
                 for w in works or ():
                     w.wait()
             before = storage.ring.state()
-            py_before = [_python_state(o) for o in (storage, *shared)]
+            # The layers' runtime records too: what their forwards read.
+            watched = (storage, *shared, *(layer.runtime for layer in shared))
+            py_before = [_python_state(o) for o in watched]
             contents = [{a: t.clone() for a, t in slot.items()} for slot in storage.ring.slots]
             ys_shared = run(shared, xs)
             after = storage.ring.state()
-            py_after = [_python_state(o) for o in (storage, *shared)]
+            py_after = [_python_state(o) for o in watched]
             same_contents = all(torch.equal(t, slot[a]) for old, slot in
                                 zip(contents, storage.ring.slots) for a, t in old.items())
             ys_full = run(full, xs)

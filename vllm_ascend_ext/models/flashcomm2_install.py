@@ -39,6 +39,9 @@ class FlashComm2ModelState:
 
     config: object  # FlashComm2Config
     o_proj_prefixes: list[str] = field(default_factory=list)
+    #: Each FlashComm2 o_proj's runtime record (ops/oproj_runtime.py), in
+    #: layer order: what its forward reads, and the index its ops take.
+    runtimes: list = field(default_factory=list)
     #: o_shared's store when it is on: a TPShardStorage or a SharedWeightSeries.
     series: object | None = None
     #: oshared_storage.TP_SHARD or ROUND_ROBIN (None with o_shared off), and why.
@@ -232,6 +235,7 @@ def install_flashcomm2(model: nn.Module, vllm_config) -> FlashComm2ModelState | 
             attach_resident_slice(new, old)
             kept_by[name] = new
         state.o_proj_prefixes.append(name)
+        state.runtimes.append(new.runtime)
         replaced[name] = weakref.ref(old)
         del old
     check_no_stale_o_proj(replaced, kept_by)

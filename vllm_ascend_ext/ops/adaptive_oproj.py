@@ -13,7 +13,7 @@ included. The small side therefore equals plain TP by construction, reads
 on Ascend), and touches no o_shared ring. Larger passes run FlashComm2.
 
 The decision is taken inside one custom op, ``flashcomm2_adaptive_oproj(x,
-layer_key, sequence_parallel)``, that runs either side eagerly: torch.compile
+runtime index, sequence_parallel)`` (``ops/oproj_runtime.py``), that runs either side eagerly: torch.compile
 sees one opaque call with a symbolic token count, so it neither guards on the
 threshold nor recompiles when a batch crosses it. The switch keeps no count
 and no other Python state (``ops/side_counter.py`` counts where asked).
@@ -21,43 +21,11 @@ and no other Python state (``ops/side_counter.py`` counts where asked).
 
 from __future__ import annotations
 
-import itertools
-import weakref
 from typing import Any
 
 import torch
 
-from vllm_ascend_ext.custom_ops import register_custom_op
-from vllm_ascend_ext.ops.flashcomm2_plan import padded_token_count
-
-__all__ = [
-    "adaptive_oproj",
-    "lookup_adaptive_layer",
-    "register_adaptive_layer",
-]
-
-_LAYERS: dict[str, weakref.ref] = {}
-_keys = itertools.count()
-
-
-def register_adaptive_layer(layer: Any) -> str:
-    """Make ``layer`` reachable from the custom op; returns its key."""
-    key = f"{getattr(layer, 'prefix', '') or type(layer).__name__}#{next(_keys)}"
-    _LAYERS[key] = weakref.ref(layer)
-    return key
-
-
-def lookup_adaptive_layer(key: str) -> Any:
-    ref = _LAYERS.get(key)
-    layer = ref() if ref is not None else None
-    if layer is None:
-        raise RuntimeError(f"adaptive FlashComm2: o_proj {key!r} is not alive")
-    return layer
-
-
-# --------------------------------------------------------------------------
-# the switch as a custom op
-# --------------------------------------------------------------------------
+__all__ = ["adaptive_oproj", "switch_tokens"]
 
 
 def switch_tokens(layer: Any, num_tokens: int) -> int:
@@ -81,10 +49,6 @@ def switch_tokens(layer: Any, num_tokens: int) -> int:
     return max(across, num_tokens)
 
 
-def _adaptive_oproj(x: torch.Tensor, layer_key: str, sequence_parallel: bool) -> torch.Tensor:
-    return adaptive_oproj(lookup_adaptive_layer(layer_key), x, sequence_parallel)
-
-
 def adaptive_oproj(layer: Any, x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
     """The switch itself. Eager callers (o_shared's and Ascend's eager steps)
     call it directly; traced code goes through the custom op, whose dispatch
@@ -94,16 +58,3 @@ def adaptive_oproj(layer: Any, x: torch.Tensor, sequence_parallel: bool) -> torc
     if switch_tokens(layer, x.shape[0]) <= layer.adaptive_tokens:
         return layer.forward_row_parallel(x, sequence_parallel)
     return layer.forward_flashcomm2(x, sequence_parallel)[0]
-
-
-def _adaptive_oproj_fake(x: torch.Tensor, layer_key: str,
-                         sequence_parallel: bool) -> torch.Tensor:
-    layer = lookup_adaptive_layer(layer_key)
-    rows = x.shape[0]
-    if sequence_parallel:
-        P = layer.flashcomm2_tp_size
-        rows = padded_token_count(rows, P) // P
-    return x.new_empty((rows, layer.output_size))
-
-
-register_custom_op("flashcomm2_adaptive_oproj", _adaptive_oproj, _adaptive_oproj_fake)

@@ -53,7 +53,7 @@ from vllm_ascend_ext.distributed.communication import (
     all_to_all_dim0,
     reduce_scatter_dim0,
 )
-from vllm_ascend_ext.ops.adaptive_oproj import adaptive_oproj, register_adaptive_layer
+from vllm_ascend_ext.ops.adaptive_oproj import adaptive_oproj
 from vllm_ascend_ext.ops.ascend_linear import platform_linear_method
 from vllm_ascend_ext.ops.flashcomm2_plan import padded_token_count, permute_blocks_for_all_to_all
 from vllm_ascend_ext.ops.int8_all_to_all import (
@@ -62,6 +62,7 @@ from vllm_ascend_ext.ops.int8_all_to_all import (
     per_token_absmax,
     quantize_per_token,
 )
+from vllm_ascend_ext.ops.oproj_runtime import UNRESOLVED, OProjRuntime, new_runtime
 from vllm_ascend_ext.ops.quant_terms import apply_linear
 from vllm_ascend_ext.ops.resident_slice import run_resident_slice
 
@@ -89,10 +90,11 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
     this TP rank.
 
     ``forward`` accepts and ignores extra keyword arguments (vllm-ascend's MLA
-    calls ``o_proj(x, is_prefill=...)``).  A shared-weight (o_shared) series
-    that registers this layer finds ``places_shared_weight_hooks`` and relies
-    on the layer to call ``series.wait`` right before the matmul and
-    ``series.prefetch_after`` right after it.
+    calls ``o_proj(x, is_prefill=...)``).  An o_shared store that registers
+    this layer finds ``places_shared_weight_hooks`` and binds its ring and
+    position into the layer's :class:`~vllm_ascend_ext.ops.oproj_runtime.OProjRuntime`
+    (``self.runtime``); the layer waits on that ring right before the matmul
+    and prefetches right after it, through the ops that take the runtime's index.
 
     ``adaptive_tokens``: a call with at most this many tokens runs plain
     TP's o_proj, which must be attached as the layer's resident slice before
@@ -219,7 +221,8 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         self.input_size_per_tp_rank = input_size // P
         self.int8_all_to_all = bool(int8_all_to_all)
         self.adaptive_tokens = int(adaptive_tokens)
-        self.adaptive_op_key = register_adaptive_layer(self) if adaptive_tokens else ""
+        #: What the forward reads, resolved before the call (ops/oproj_runtime.py).
+        self.runtime: OProjRuntime = new_runtime(self)
         #: True where the o_shared group spans DP replicas: the largest batch
         #: across DP picks the side (``adaptive_oproj.switch_tokens``).
         self.adaptive_dp_wide = False
@@ -275,7 +278,7 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
             # torch.compile neither guards on it nor recompiles per side.
             if torch.compiler.is_compiling():
                 out = torch.ops.vllm_ascend_ext.flashcomm2_adaptive_oproj(
-                    x, self.adaptive_op_key, sp)
+                    x, self.runtime.index, sp)
             else:
                 out = adaptive_oproj(self, x, sp)
             bias = None  # skip_bias_add is refused with the switch (see __init__)
@@ -305,15 +308,16 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
 
         # (2)+(3): chunk i -> ODP rank i; back: D chunks of [k*blk, a/P].
         send = permute_blocks_for_all_to_all(x, P, k)
-        series = getattr(self, "shared_weight_series", None)
+        rt = self.runtime
+        in_ring = rt.ring is not None
         int8_in = self.int8_input()
         # A static input scale is one of the layer's processed tensors, so
         # under o_shared it arrives with the weight: wait before quantizing.
         # Round-robin o_shared keeps the whole processed layer in the ring slot.
-        whole_layer_in_ring = series is not None and series.holds_whole_layer
-        wait_early = whole_layer_in_ring and int8_in is not None and not int8_in.per_token
+        wait_early = (rt.whole_layer_in_ring and int8_in is not None
+                      and not int8_in.per_token)
         if wait_early:
-            series.wait(self, send)
+            torch.ops.vllm_ascend_ext.oproj_ring_wait(send, rt.index)
         x_scale = None
         if int8_in is not None:
             send, x_scale = self._quantize_for_all_to_all(int8_in, send, chunk_rows)
@@ -326,10 +330,10 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         bias = self.bias
         add_bias = bias is not None and not self.skip_bias_add
         fuse_bias = add_bias and k == 1
-        if series is not None:
+        if in_ring:
             if not wait_early:
-                series.wait(self, x_shard)
-            if bias is not None and whole_layer_in_ring:
+                torch.ops.vllm_ascend_ext.oproj_ring_wait(x_shard, rt.index)
+            if bias is not None and rt.whole_layer_in_ring:
                 # The bias sits in the same ring slot as the weight: the
                 # prefetch below overwrites it, so keep a private copy for
                 # the add after the reduction and for skip_bias_add callers.
@@ -341,8 +345,8 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         else:
             out = int8_in.matmul(weights, x_shard, x_scale, bias if fuse_bias else None,
                                  x.dtype)
-        if series is not None:
-            series.prefetch_after(self, out)
+        if in_ring:
+            torch.ops.vllm_ascend_ext.oproj_ring_prefetch(out, rt.index)
 
         # (5) sum the k partial products; this rank keeps token block r.
         out = reduce_scatter_dim0(out, self.flashcomm2_otp_group)
@@ -370,16 +374,18 @@ class FlashComm2RowParallelLinear(RowParallelLinear):
         """The int8 route the all-to-all takes, or None (activation dtype).
 
         Read from the processed quant method on the first eager call and
-        kept: it cannot change after loading, and the eager forward path
-        (o_shared, Ascend) should not rebuild it per layer and step. While
-        torch.compile traces, it is only read (the graph bakes it in)."""
+        kept in the runtime record: it cannot change after loading, and the
+        eager forward path (o_shared, Ascend) should not rebuild it per layer
+        and step. While torch.compile traces, it is only read (the graph
+        bakes it in)."""
         if not self.int8_all_to_all or self.odp_size == 1:
             return None  # no all-to-all to shrink
-        if "_int8_input" in self.__dict__:
-            return self.__dict__["_int8_input"]
+        route = self.runtime.int8_route
+        if route is not UNRESOLVED:
+            return route
         route = int8_input_of(self.matmul_layer)
         if not torch.compiler.is_compiling():
-            self.__dict__["_int8_input"] = route
+            self.runtime.int8_route = route
         return route
 
     def _quantize_for_all_to_all(

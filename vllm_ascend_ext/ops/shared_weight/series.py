@@ -184,7 +184,11 @@ class SharedWeightSeries:
             drop_unowned_storage(member)
         layer.shared_weight_series = self
         layer.shared_weight_position = None
-        if not getattr(type(layer), "places_shared_weight_hooks", False):
+        if getattr(type(layer), "places_shared_weight_hooks", False):
+            # A FlashComm2 o_proj: its forward waits and prefetches through
+            # its runtime record (ops/oproj_runtime.py), bound at finalisation.
+            layer.runtime.join_store(self)
+        else:
             install_forward_wrapper(self, member)
         self._members.append(member)
         self._by_idx[layer_idx] = member
@@ -236,6 +240,8 @@ class SharedWeightSeries:
                 self.slot_format.fill(buf, state)
             bind_to_buffer(m.layer, buf, state)
             m.layer.shared_weight_position = p
+            if getattr(type(m.layer), "places_shared_weight_hooks", False):
+                m.layer.runtime.bind(ring, p)
             m.raw = []
         ring.start_filled()
         self._finalized = True
@@ -333,6 +339,9 @@ class SharedWeightSeries:
             self.synchronize()
         finally:
             self._closed = True
+            for m in self._members:
+                if getattr(type(m.layer), "places_shared_weight_hooks", False):
+                    m.layer.runtime.release()
             if self._registry.find(self.name) is self:
                 self._registry.unregister(self.name)
 

@@ -10,7 +10,9 @@ storage of their own.
 - A step at or below the adaptive threshold runs the slice: plain TP, no
   ring, no collective beyond plain TP's all-reduce.
 - A larger step runs FlashComm2 on the ODP group's shards gathered into a
-  ring slot (``ring.py``), ``prefetch_step`` layers ahead. The matmul runs
+  ring slot (``ring.py``), ``prefetch_step`` layers ahead: binding puts the
+  ring and the layer's position into the layer's runtime record
+  (``ops/oproj_runtime.py``), whose ops wait and prefetch. The matmul runs
   through an *OTP view* of the slice: the same module state (quant method,
   kernel, scales, bias) with the sharded attributes pointing at the slot and
   its TP attributes (``tp_rank``, ``tp_size``, ``input_size_per_partition``)
@@ -35,7 +37,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from vllm_ascend_ext.custom_ops import register_custom_op
 from vllm_ascend_ext.logger import init_logger
 from vllm_ascend_ext.ops.flashcomm2_oproj import OTP_VIEW_ATTR
 from vllm_ascend_ext.ops.resident_slice import attach_resident_slice, resident_slice_of
@@ -47,9 +48,8 @@ logger = init_logger(__name__)
 
 __all__ = ["TPShardMemoryReport", "TPShardStorage", "close_all"]
 
-#: Every live storage, by index: the custom ops take that index (an int
-#: torch.compile passes through) rather than a name to look up.
-_STORAGES: list[TPShardStorage | None] = []
+#: Every live storage, for close_all (a test world reused for the next case).
+_LIVE: list[TPShardStorage] = []
 
 
 def _skip_loading(*args: Any, **kwargs: Any) -> None:
@@ -90,8 +90,9 @@ class TPShardStorage:
     """One pipeline stage's o_proj layers on TP shards, and their gather ring.
 
     Lifecycle: :meth:`add_layer` for every layer before loading; vLLM's
-    post-load pass binds them; forwards call :meth:`wait` and
-    :meth:`prefetch_after` around FlashComm2's matmul; :meth:`close`.
+    post-load pass binds each into its runtime record (the ring and its
+    position), which FlashComm2's matmul waits on and prefetches through;
+    :meth:`close`.
     """
 
     #: Only the sharded attributes live in the ring (the bias and scales are
@@ -107,8 +108,7 @@ class TPShardStorage:
         self.start_layer: int | None = None
         self.ring: GatherRing | None = None
         self._bound = 0
-        self.index = len(_STORAGES)
-        _STORAGES.append(self)
+        _LIVE.append(self)
 
     # -------------------------------------------------------- registration
 
@@ -128,14 +128,13 @@ class TPShardStorage:
             # first; a caller may process only the layer): once. The slice is
             # looked up, not captured: the install's stale-reference check
             # must find the layer as its only holder.
-            if layer.shared_weight_position is None:
+            if layer.runtime.position < 0:
                 post(resident_slice_of(layer))
                 self._bind(layer, layer_idx)
 
         _run_post_load_as(layer, finish)
         _run_post_load_as(row_parallel, finish)
-        layer.shared_weight_series = self
-        layer.shared_weight_position = None
+        layer.runtime.join_store(self)
         layer.adaptive_dp_wide = False  # the gathers stay inside one TP group
         self._by_idx[layer_idx] = layer
 
@@ -164,7 +163,7 @@ class TPShardStorage:
                 src = getattr(row_parallel, name, None)
             if isinstance(src, torch.Tensor):
                 param.data = src.detach()  # shares storage: no bytes of its own
-        layer.shared_weight_position = position
+        layer.runtime.bind(self.ring, position)
         self._bound += 1
         if self._bound == len(self._by_idx):
             self._log()
@@ -183,13 +182,6 @@ class TPShardStorage:
 
     # ------------------------------------------------------------- runtime
 
-    def wait(self, layer: nn.Module, anchor: torch.Tensor) -> None:
-        torch.ops.vllm_ascend_ext.tp_shard_wait(anchor, self.index, layer.shared_weight_position)
-
-    def prefetch_after(self, layer: nn.Module, anchor: torch.Tensor) -> None:
-        torch.ops.vllm_ascend_ext.tp_shard_prefetch(anchor, self.index,
-                                                    layer.shared_weight_position)
-
     def synchronize(self) -> None:
         if self.ring is not None:
             self.ring.synchronize()
@@ -198,8 +190,10 @@ class TPShardStorage:
         try:
             self.synchronize()
         finally:
-            if self.index < len(_STORAGES) and _STORAGES[self.index] is self:
-                _STORAGES[self.index] = None
+            for layer in self._by_idx.values():
+                layer.runtime.release()
+            if self in _LIVE:
+                _LIVE.remove(self)
 
     @property
     def layer_indices(self) -> list[int]:
@@ -242,10 +236,9 @@ class TPShardStorage:
 
 def close_all() -> None:
     """Close every live storage (a test world reused for the next call)."""
-    for storage in list(_STORAGES):
-        if storage is not None:
-            storage.close()
-    _STORAGES.clear()
+    for storage in list(_LIVE):
+        storage.close()
+    _LIVE.clear()
 
 
 # ----------------------------------------------------------------------------
@@ -317,26 +310,3 @@ def _otp_view(layer: nn.Module, row_parallel: nn.Module, slot: dict[str, torch.T
     for attr in ("tp_rank", "tp_size", "input_size_per_partition", "otp_size"):
         view.__dict__[attr] = getattr(layer, attr)
     return view
-
-
-# ----------------------------------------------------------------------------
-# the ops: (anchor, storage index, position), in place on the anchor so that
-# torch.compile keeps them in order around the matmul
-# ----------------------------------------------------------------------------
-
-
-def _tp_shard_wait(anchor: torch.Tensor, storage: int, position: int) -> None:
-    _STORAGES[storage].ring.wait(position)
-
-
-def _tp_shard_prefetch(anchor: torch.Tensor, storage: int, position: int) -> None:
-    _STORAGES[storage].ring.prefetch_after(position)
-
-
-def _tp_shard_hook_fake(anchor: torch.Tensor, storage: int, position: int) -> None:
-    return None
-
-
-register_custom_op("tp_shard_wait", _tp_shard_wait, _tp_shard_hook_fake, mutates_args=["anchor"])
-register_custom_op("tp_shard_prefetch", _tp_shard_prefetch, _tp_shard_hook_fake,
-                   mutates_args=["anchor"])
