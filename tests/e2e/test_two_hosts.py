@@ -242,16 +242,17 @@ def test_moe_dp_across_hosts_oshared_spans_replicas(tiny_model, hosts, engines):
 
 # --- a host with other settings -------------------------------------------
 
-AC_ON = ["--additional-config",
-         json.dumps({"enable_flashcomm2_parallel_size": 1, "layer_sharding": ["o_proj"]})]
-# One launch per source a host takes its settings from (env, CLI). Which
-# setting differs and on which side is swept on gloo worlds, with the same
-# agreement and message (tests/test_settings_agreement.py: flags on the worker
-# only, another prefetch step, adaptive threshold, int8 all-to-all).
-MISMATCHES = {
-    "flags on the head only": (OSHARED, {}, [], "parallel_size"),
-    "--additional-config on the head only": ({}, {}, AC_ON, "parallel_size"),
-}
+# One launch, both sources a host takes its settings from: the head sets the
+# o_proj TP size in its environment and o_shared on its command line
+# (--additional-config); the worker sets neither. Which setting differs and
+# on which side is swept on gloo worlds, with the same agreement and message
+# (tests/test_settings_agreement.py: flags on the worker only, another
+# prefetch step, adaptive threshold, int8 all-to-all).
+HEAD_ENV = {"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "1"}
+HEAD_ARGS = ["--additional-config", json.dumps({"layer_sharding": ["o_proj"]})]
+#: (setting, the head's source as the report names it)
+EXPECTED = (("parallel_size", "VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE"),
+            ("oshared", 'additional_config["layer_sharding"]'))
 
 
 def _join_times(text: str) -> list[float]:
@@ -260,12 +261,10 @@ def _join_times(text: str) -> list[float]:
             for m in _JOIN.findall(text)]
 
 
-@pytest.mark.parametrize("case", list(MISMATCHES))
-def test_hosts_with_other_settings_stop_with_a_clear_error(case, tiny_model, hosts):
-    head_env, worker_env, head_args, setting = MISMATCHES[case]
+def test_hosts_with_other_settings_stop_with_a_clear_error(tiny_model, hosts):
     model = str(tiny_model("Qwen3ForCausalLM"))
-    server = TwoHostServer(hosts, model, head_env=head_env, worker_env=worker_env,
-                           head_args=head_args)
+    server = TwoHostServer(hosts, model, head_env=HEAD_ENV, worker_env={},
+                           head_args=HEAD_ARGS)
     server.launch()
     try:
         codes = server.wait_exited(300)
@@ -281,10 +280,13 @@ def test_hosts_with_other_settings_stop_with_a_clear_error(case, tiny_model, hos
     # Second-resolution log stamps: allow their rounding.
     waited = exit_wall - max(joins)
     assert waited <= 60 + 1, f"stopped {waited:.0f} s after the later host joined"
-    print(f"\n{case}: both hosts exited {codes}, {waited:.0f} s after the later host joined")
+    print(f"\nboth hosts exited {codes}, {waited:.0f} s after the later host joined")
+    head, worker = re.escape(hosts.head.address), re.escape(hosts.worker.address)
     for text in logs:
         assert "FlashComm2ConfigError: FlashComm2 settings differ" in text
-        assert f"{setting} (" in text
-        assert re.search(rf"rank 0 on {re.escape(hosts.head.address)} .*\[", text)
-        assert re.search(rf"rank 1 on {re.escape(hosts.worker.address)} .*\[", text)
+        for setting, source in EXPECTED:
+            # Each differing setting, each rank's value and where it came from.
+            assert f"{setting} (" in text, setting
+            assert re.search(rf"rank 0 on {head} .*\[{re.escape(source)}\]", text), source
+            assert re.search(rf"rank 1 on {worker} .*\[default\]", text), setting
         assert "same FLASHCOMM2 environment variables and the same --additional-config" in text
