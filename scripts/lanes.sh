@@ -13,6 +13,7 @@
 # is the longer one, and an engine's two ranks exchange many small
 # collectives, each waiting for its peer to be scheduled. Each line of output
 # is prefixed with its lane; each lane's wall time is printed at its end.
+# With LANES_UNIT_DONE set, the unit lane touches that file when it ends.
 set -uo pipefail
 
 if [[ $# -ne 2 ]]; then
@@ -32,6 +33,8 @@ run_lane() {  # run_lane NAME COMMAND
     bash -c "$2" || rc=$?
     printf '=== %s lane: rc=%d, %dm%02ds\n' "$1" "$rc" $(((SECONDS - t0) / 60)) \
         $(((SECONDS - t0) % 60))
+    # .ci/run starts its other beside work once this lane is done.
+    if [[ "$1" == unit && -n "${LANES_UNIT_DONE:-}" ]]; then touch "$LANES_UNIT_DONE"; fi
     return "$rc"
 }
 export -f run_lane
