@@ -80,13 +80,12 @@ def _oproj_bytes(model: str, tp: int, flags: dict) -> int:
     cfg = parse_flashcomm2_config(flags, None)
     if not cfg.enabled:
         return L * W // tp  # plain TP: a 1/TP shard of every layer
-    if not cfg.oshared:
-        return L * W  # FlashComm2 k=1: the full o_proj everywhere
     memory = plan(shape, PlanInputs(tp=tp, weight_dtype="fp32", act_dtype="fp32",
                                     prefetch_step=cfg.prefetch_step,
                                     adaptive_tokens=cfg.adaptive_tokens,
                                     storage=cfg.oshared_storage))["memory"]
-    return memory["ours_total_bytes"]
+    # FlashComm2 alone: its full o_proj, plus plain TP's under the adaptive switch.
+    return memory["ours_total_bytes" if cfg.oshared else "flashcomm2_bytes"]
 
 
 def run_one(model: str, tp: int, env_flags: dict, args) -> dict:

@@ -437,6 +437,28 @@ def test_config_json_of_tiny_checkpoints(tiny_model):
     assert (qw.num_layers, qw.o_proj_in, qw.hidden_size) == (5, 8 * 32, 256)
 
 
+def test_throughput_benchmark_reports_each_configurations_o_proj_bytes(tiny_model):
+    """The throughput benchmark's memory column is the planner's, as configured:
+    FlashComm2 alone under the adaptive switch keeps plain TP's o_proj too
+    (it reported the full o_proj only, 8,388,608 B on its small preset)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_throughput import _oproj_bytes
+
+    model = str(tiny_model("qwen3"))
+    shape = load_model_shape(model)
+    L, W = shape.num_layers, shape.o_proj_in * shape.hidden_size * 4
+    fc2 = {"VLLM_ASCEND_FLASHCOMM2_PARALLEL_SIZE": "1"}
+    assert _oproj_bytes(model, 2, {}) == L * W // 2
+    assert _oproj_bytes(model, 2, {**fc2, "VLLM_ASCEND_FLASHCOMM2_ADAPTIVE_TOKENS": "0"}) == L * W
+    assert _oproj_bytes(model, 2, fc2) == L * W + L * W // 2
+    # o_shared on TP shards: plain TP's shards plus one full o_proj per ring slot
+    assert _oproj_bytes(model, 2, {**fc2, "VLLM_ASCEND_ENABLE_FLASHCOMM2_OSHARED": "1"}) == (
+        L * W // 2 + W)
+
+
 # (first layer, number of layers, prefetch step, pp size, pp rank) on 2 ranks
 TINY_CASES = [(0, 5, 1, 1, 0), (0, 5, 2, 1, 0), (0, 5, 3, 1, 0), (0, 5, 0, 1, 0),
               (3, 2, 1, 2, 1)]
