@@ -43,11 +43,9 @@ venv:
 # The suite's tiny trained checkpoints, built (or found) in the cache before
 # the lanes start, so that no test trains one inside its own timeout while
 # the other lane and the second queue compete for the cores.
-# Two at a time: a tiny model's training uses the two cores poorly.
 checkpoints: venv
-	$(PY) -c "from concurrent.futures import ProcessPoolExecutor; \
-		from vllm_ascend_ext.tools.tiny_models import ARCHITECTURES, tiny_checkpoint; \
-		[print(p) for p in ProcessPoolExecutor(2).map(tiny_checkpoint, ARCHITECTURES)]"
+	$(PY) -c "from vllm_ascend_ext.tools.tiny_models import ARCHITECTURES, tiny_checkpoint; \
+		[print(tiny_checkpoint(arch)) for arch in ARCHITECTURES]"
 
 demo: venv
 	$(PY) -m vllm_ascend_ext.tools.demo
