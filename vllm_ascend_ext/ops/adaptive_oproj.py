@@ -13,9 +13,10 @@ included. The small side therefore equals plain TP by construction, reads
 on Ascend), and touches no o_shared ring. Larger passes run FlashComm2.
 
 The decision is taken inside one custom op, ``flashcomm2_adaptive_oproj(x,
-runtime index, sequence_parallel)`` (``ops/oproj_runtime.py``), that runs either side eagerly: torch.compile
-sees one opaque call with a symbolic token count, so it neither guards on the
-threshold nor recompiles when a batch crosses it. The switch keeps no count
+runtime index, sequence_parallel)`` (``ops/oproj_runtime.py``), that runs
+either side eagerly: torch.compile sees one opaque call with a symbolic token
+count, so it neither guards on the threshold nor recompiles when a batch
+crosses it. The switch keeps no count
 and no other Python state (``ops/side_counter.py`` counts where asked).
 """
 
