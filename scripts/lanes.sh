@@ -11,9 +11,14 @@
 # beside it, on the core an engine leaves idle through its single-threaded
 # start-up. The unit lane runs at a lower priority (nice 10): the engine lane
 # is the longer one, and an engine's two ranks exchange many small
-# collectives, each waiting for its peer to be scheduled. Each line of output
-# is prefixed with its lane; each lane's wall time is printed at its end.
-# With LANES_UNIT_DONE set, the unit lane touches that file when it ends.
+# collectives, each waiting for its peer to be scheduled. Each lane is a
+# session of its own (so that an interrupted run can stop it whole), and with
+# the kernel's autogroup scheduling (sched_autogroup_enabled) a session is a
+# scheduling group whose nice is its own: a task's nice ranks it only inside
+# its session. So the unit lane sets its session's nice too
+# (/proc/self/autogroup); without that, `nice -n 10` left it an equal share
+# of the cores. Each line of output is prefixed with its lane; each lane's
+# wall time is printed at its end.
 set -uo pipefail
 
 if [[ $# -ne 2 ]]; then
@@ -28,22 +33,25 @@ stop() {
 trap stop EXIT
 trap 'exit 130' INT TERM
 
-run_lane() {  # run_lane NAME COMMAND
+LOW_NICE=10
+
+run_lane() {  # run_lane NAME NICE COMMAND, as the leader of a new session
     local t0=$SECONDS rc=0
-    bash -c "$2" || rc=$?
+    # The session's scheduling group (absent on kernels without autogroup).
+    if [[ $2 != 0 ]]; then echo "$2" 2>/dev/null > /proc/self/autogroup || true; fi
+    nice -n "$2" bash -c "$3" || rc=$?
     printf '=== %s lane: rc=%d, %dm%02ds\n' "$1" "$rc" $(((SECONDS - t0) / 60)) \
         $(((SECONDS - t0) % 60))
-    # .ci/run starts its other beside work once this lane is done.
-    if [[ "$1" == unit && -n "${LANES_UNIT_DONE:-}" ]]; then touch "$LANES_UNIT_DONE"; fi
     return "$rc"
 }
 export -f run_lane
 
 names=(engine unit)
-cmds=("$1" "nice -n 10 $2")
+nices=(0 "$LOW_NICE")
+cmds=("$1" "$2")
 for i in 0 1; do
     # Its own process group, so that an interrupted run stops the whole lane.
-    setsid bash -c 'run_lane "$0" "$1"' "${names[$i]}" "${cmds[$i]}" \
+    setsid bash -c 'run_lane "$0" "$1" "$2"' "${names[$i]}" "${nices[$i]}" "${cmds[$i]}" \
         > >(sed -u "s/^/[${names[$i]} lane] /") 2>&1 &
     pids+=($!)
 done

@@ -77,6 +77,8 @@ def pytest_sessionstart(session):
     from tests import suite_hygiene
 
     session.config._vllm_ascend_ext_hygiene = suite_hygiene.snapshot()
+    # Before any engine starts (the e2e harness reads the environment at import).
+    session.config._vllm_ascend_ext_rpc_folder = suite_hygiene.own_rpc_folder()
     _watch_servers()
 
 
@@ -134,7 +136,9 @@ def pytest_sessionfinish(session, exitstatus):
     before = getattr(session.config, "_vllm_ascend_ext_hygiene", None)
     removed = (suite_hygiene.remove_leftover_segments(before, suite_hygiene.OWNED_INIT_IDS)
                if before else [])
-    session.config._vllm_ascend_ext_report = (leftovers, removed)
+    sockets = suite_hygiene.remove_rpc_folder(
+        getattr(session.config, "_vllm_ascend_ext_rpc_folder", None))
+    session.config._vllm_ascend_ext_report = (leftovers, removed, sockets)
     suite_hygiene.write_counts(os.environ.get("VLLM_ASCEND_EXT_SUITE_STATS"))
     if leftovers:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -143,10 +147,11 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from tests.suite_hygiene import COUNTS
 
-    leftovers, removed = getattr(config, "_vllm_ascend_ext_report", ([], []))
+    leftovers, removed, sockets = getattr(config, "_vllm_ascend_ext_report", ([], [], 0))
     terminalreporter.write_line(f"started: {COUNTS.line()}")
     terminalreporter.write_line(
-        f"removed {len(removed)} vLLM shared-memory segments / init files left by this run")
+        f"removed {len(removed)} vLLM shared-memory segments / init files and {sockets} "
+        "IPC sockets left by this run")
     for line in leftovers:
         terminalreporter.write_line(f"ERROR: process left behind (killed): {line}", red=True)
 

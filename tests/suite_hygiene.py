@@ -10,6 +10,10 @@ finish).
   once no process holds them: another vLLM on the machine, or the other lane
   of ``make test``, keeps its own, even one whose workers have not opened
   their init file yet.
+- vLLM names a ZMQ IPC socket file in ``VLLM_RPC_BASE_PATH`` (the temp
+  folder by default) for each engine core, API server and worker channel,
+  and leaves most of them behind (745 in one full run). Each run points
+  its engines at a folder of its own, removed at its end.
 - Every process this run started must be gone at its end.
 - The engines, drivers and servers this run started are counted, so that
   ``.ci/run`` can report where a leg's time went.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -47,6 +52,32 @@ def _vllm_entries() -> set[Path]:
         if folder.is_dir():
             found.update(p for p in folder.iterdir() if p.name.startswith(VLLM_SEGMENT_PREFIX))
     return found
+
+
+RPC_FOLDER_PREFIX = "vllm-ascend-ext-rpc-"
+
+
+def own_rpc_folder() -> Path | None:
+    """Point this run's vLLM processes (they inherit the environment) at a
+    new folder for their IPC sockets and return it; None where the caller
+    chose a ``VLLM_RPC_BASE_PATH`` of their own."""
+    if os.environ.get("VLLM_RPC_BASE_PATH"):
+        return None
+    folder = Path(tempfile.mkdtemp(prefix=RPC_FOLDER_PREFIX))
+    os.environ["VLLM_RPC_BASE_PATH"] = str(folder)
+    return folder
+
+
+def remove_rpc_folder(folder: Path | None) -> int:
+    """Delete the run's IPC socket folder (its processes are gone by now);
+    return how many entries it held."""
+    if folder is None or not folder.is_dir():
+        return 0
+    held = sum(1 for _ in folder.iterdir())
+    shutil.rmtree(folder, ignore_errors=True)
+    if os.environ.get("VLLM_RPC_BASE_PATH") == str(folder):
+        del os.environ["VLLM_RPC_BASE_PATH"]
+    return held
 
 
 @dataclass

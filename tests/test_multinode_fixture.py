@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from vllm_ascend_ext.tools.local_server import start_process_group
 from vllm_ascend_ext.tools.multinode.netns import (
     TwoHosts,
     list_namespaces,
@@ -35,8 +36,8 @@ PY = sys.executable
 
 
 def _start_in(host, code: str) -> subprocess.Popen:
-    return subprocess.Popen(host.command([PY, "-c", code]), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start_process_group(host.command([PY, "-c", code]), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
 
 
 def _connect_from(pair: TwoHosts, host, address: str, port: int, payload: bytes) -> bytes:

@@ -76,3 +76,28 @@ def test_a_legs_counts_add_up_across_its_pytest_runs(tmp_path):
     assert module.summarise(path) == ("4 engines (2 drivers, 1 fresh processes), 2 servers, "
                                       "4 two-host launches, 5 gloo worlds")
     assert module.summarise(tmp_path / "missing.jsonl") == "(no pytest run reported)"
+
+
+def test_a_runs_ipc_sockets_go_to_a_folder_of_its_own_that_its_end_removes(monkeypatch):
+    """vLLM leaves ZMQ IPC socket files in VLLM_RPC_BASE_PATH (745 in the
+    temp folder after one full run); the run gives its engines a folder of
+    their own and deletes it at its end."""
+    import socket
+
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
+    folder = suite_hygiene.own_rpc_folder()
+    assert folder is not None and folder.is_dir()
+    assert os.environ["VLLM_RPC_BASE_PATH"] == str(folder)
+    # What vLLM's get_open_zmq_ipc_path would name, bound and left behind.
+    left = socket.socket(socket.AF_UNIX)
+    left.bind(str(folder / str(uuid.uuid4())))
+    left.close()
+    assert suite_hygiene.remove_rpc_folder(folder) == 1
+    assert not folder.exists() and "VLLM_RPC_BASE_PATH" not in os.environ
+
+
+def test_a_callers_own_rpc_folder_is_left_alone(monkeypatch, tmp_path):
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(tmp_path))
+    assert suite_hygiene.own_rpc_folder() is None
+    assert suite_hygiene.remove_rpc_folder(None) == 0
+    assert os.environ["VLLM_RPC_BASE_PATH"] == str(tmp_path) and tmp_path.is_dir()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tests.e2e.engine_driver import FEATURE_ENV, PER_ENGINE_ENV
 from tests.suite_hygiene import COUNTS, note_engine_log
+from vllm_ascend_ext.tools.local_server import start_process_group
 
 HERE = Path(__file__).resolve().parent
 
@@ -86,10 +87,12 @@ class EngineDriver:
         self._dir = tempfile.TemporaryDirectory(prefix="vllm-ascend-ext-driver-")
         read_fd, write_fd = os.pipe()
         self._own_log = open(Path(self._dir.name) / "driver.log", "wb")
-        self.proc = subprocess.Popen(
+        # Its own process group (close() kills it whole), in this session: a
+        # session of its own would leave the lane's priority (start_process_group).
+        self.proc = start_process_group(
             [sys.executable, str(HERE / "engine_driver.py"), str(write_fd)], env=env,
             stdin=subprocess.PIPE, stdout=self._own_log, stderr=subprocess.STDOUT,
-            pass_fds=(write_fd,), start_new_session=True, text=True,
+            pass_fds=(write_fd,), text=True,
         )
         os.close(write_fd)  # the driver holds the write end; EOF here if it dies
         self._replies = os.fdopen(read_fd, "r")

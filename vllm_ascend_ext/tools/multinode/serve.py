@@ -27,6 +27,7 @@ from pathlib import Path
 from vllm_ascend_ext.tools.local_server import (
     cpu_env,
     engine_args,
+    start_process_group,
     stop_process_group,
     vllm_cli,
     wait_healthy,
@@ -86,11 +87,10 @@ class HostProcess:
     def start(self) -> None:
         self.started = time.monotonic()
         with open(self.log_path, "w") as log:
-            # A new session per host: stop() signals the server and every
+            # A process group per host: stop() signals the server and every
             # process it spawned.
-            self.proc = subprocess.Popen(self.host.command(self.argv), env=self.env,
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = start_process_group(self.host.command(self.argv), env=self.env,
+                                            stdout=log, stderr=subprocess.STDOUT)
 
     def poll(self) -> int | None:
         rc = self.proc.poll() if self.proc is not None else None
