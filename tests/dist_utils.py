@@ -206,10 +206,27 @@ def _reset_between_calls(bare: bool, groups_before: tuple) -> bool:
     return _vllm_groups() == groups_before
 
 
-def _serve(rank: int, spec: WorldSpec, port: int, tasks: Any, results: Any) -> None:
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this process when its parent dies. A member
+    waits on its task queue for good, and ``daemon`` only helps when the
+    parent exits cleanly: a parent killed mid-run (a CI timeout, Ctrl-C on
+    ``make``) left its worlds' members running, and they slowed every later
+    run on the machine."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the request took effect
+        os._exit(1)
+
+
+def _serve(rank: int, spec: WorldSpec, port: int, tasks: Any, results: Any,
+           parent: int) -> None:
     """A world member: build the world once, then run every call it is sent
     (``(call_id, fn, args, tp_size)``, ``tp_size`` None for a bare world;
     ``None`` ends it) and report each result."""
+    _die_with(parent)
     os.environ.update(dict(spec.env))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -249,8 +266,8 @@ class _World:
         self._tasks = [ctx.Queue() for _ in range(spec.world_size)]
         port = free_port()
         self.procs = [
-            ctx.Process(target=_serve, args=(r, spec, port, self._tasks[r], self._results),
-                        daemon=True)
+            ctx.Process(target=_serve, daemon=True,
+                        args=(r, spec, port, self._tasks[r], self._results, os.getpid()))
             for r in range(spec.world_size)
         ]
         for p in self.procs:

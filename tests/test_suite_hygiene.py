@@ -101,3 +101,49 @@ def test_a_callers_own_rpc_folder_is_left_alone(monkeypatch, tmp_path):
     assert suite_hygiene.own_rpc_folder() is None
     assert suite_hygiene.remove_rpc_folder(None) == 0
     assert os.environ["VLLM_RPC_BASE_PATH"] == str(tmp_path) and tmp_path.is_dir()
+
+
+def member_pid(rank: int, world_size: int) -> int:
+    return os.getpid()
+
+
+_WORLD_STARTER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from tests.dist_utils import run_distributed
+from tests.test_suite_hygiene import member_pid
+print(*run_distributed(member_pid, 2, init_vllm=False, timeout=240), flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_worlds_members_die_with_the_process_that_started_them():
+    """A pytest killed mid-run (a CI timeout, Ctrl-C on ``make``) left its
+    gloo worlds' members waiting on their task queues, and they slowed every
+    later run on the machine; they now die with it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    root = str(Path(__file__).resolve().parents[1])
+    starter = subprocess.Popen([sys.executable, "-c", _WORLD_STARTER.format(root=root)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        members = [int(pid) for pid in starter.stdout.readline().split()]
+        assert len(members) == 2, "the world did not start"
+        assert all(psutil.pid_exists(pid) for pid in members)
+    finally:
+        starter.send_signal(signal.SIGKILL)
+        starter.wait()
+    deadline = time.monotonic() + 20
+    alive = members
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in members if psutil.pid_exists(pid)
+                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"world members outlived their starter: {alive}"
