@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,26 @@ def test_an_engine_driver_keeps_its_starters_scheduling_group():
         assert _autogroup(driver.proc.pid) == _autogroup()
     finally:
         driver.close(kill=True)
+
+
+_STUBBORN_GROUP = """
+import os, signal, sys, time
+if os.fork() == 0:  # a worker that outlives SIGINT and SIGTERM, as a busy one may
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while True:
+        time.sleep(0.01)
+time.sleep(60)
+"""
+
+
+def test_stopping_a_group_returns_once_every_member_is_gone():
+    """A server's workers that outlive its API server are SIGKILLed; the stop
+    returns only once they are gone (a serve test found one still there)."""
+    from vllm_ascend_ext.tools.local_server import process_group_alive, stop_process_group
+
+    for _ in range(3):  # the race it had is lost or won by a few ms
+        proc = start_process_group([sys.executable, "-c", _STUBBORN_GROUP])
+        time.sleep(0.3)
+        stop_process_group(proc, timeout=0.2)
+        assert not process_group_alive(proc.pid)

@@ -204,13 +204,19 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 60.0) -> int:
             proc.wait(wait)
         except subprocess.TimeoutExpired:
             continue
-    # Workers in the same group must be gone too.
+    # Workers in the same group must be gone too. vLLM's workers leave on
+    # their own once their engine core is gone, but that can take longer
+    # than the grace below; a SIGKILLed process is gone only once reaped,
+    # so wait for that too, or a caller that checks at once finds it.
     if process_group_alive(pgid):
         time.sleep(2)
         try:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        deadline = time.monotonic() + 15
+        while process_group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
     return proc.returncode
 
 
