@@ -84,3 +84,15 @@ def write_results(out: Path | str, result: dict, text: str, suffix: str = ".txt"
     side = out.with_suffix(suffix)
     side.write_text(text if text.endswith("\n") else text + "\n")
     return side
+
+
+#: ``bench_throughput.py``'s control: plain TP again, last in each round.
+CONTROL = "plain TP again (control)"
+
+
+def bracketed_ratios(runs: list[float], first: list[float], last: list[float]) -> list[float]:
+    """Per round, a configuration's throughput over the mean of the round's
+    two plain-TP runs, the first and the control (last): drift that moves
+    the whole round in one direction cancels, where a ratio to the first run
+    alone takes it for the configuration's own."""
+    return [r / ((f + c) / 2) for r, f, c in zip(runs, first, last)]

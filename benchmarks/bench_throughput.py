@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _world import ROOT, child_env, machine_line, write_results
+from _world import CONTROL, ROOT, bracketed_ratios, child_env, machine_line, write_results
 
 PRESETS = {
     # name: (architecture, hidden layers, hidden size or None for the tiny default)
@@ -47,6 +47,10 @@ CONFIGS = [
     # the default threshold (DEFAULT_ADAPTIVE_TOKENS): the flags a user sets
     ("adaptive FlashComm2 k=1", dict(_FC2)),
     ("adaptive FlashComm2 k=1 + o_shared", dict(_OSHARED)),
+    # The control: plain TP again, last in each round. Its ratio to the
+    # first plain TP run is what the machine's drift and the position in the
+    # round alone give; a configuration's gap means something only beyond it.
+    (CONTROL, {}),
 ]
 
 #: name: (input tokens, output tokens) per request
@@ -170,12 +174,15 @@ def main(argv=None) -> int:
         for name, flags in configs:
             tps = samples[(workload, name)]
             ratios = [t / b for t, b in zip(tps, base)]  # within a round
+            control = samples.get((workload, CONTROL))
             rows.append({
                 "workload": workload, "input_len": WORKLOADS[workload][0],
                 "output_len": WORKLOADS[workload][1], "config": name, "flags": flags,
                 "tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps,
                 "ratio_to_plain_tp": statistics.median(ratios),
                 "ratio_min": min(ratios), "ratio_max": max(ratios),
+                "ratio_to_bracketing_plain_tp": None if control is None
+                else bracketed_ratios(tps, base, control),
                 "o_proj_bytes_per_rank": _oproj_bytes(model, args.tp, flags),
             })
     result = {
@@ -186,12 +193,16 @@ def main(argv=None) -> int:
         "rows": rows,
     }
     table = ["| workload | config | tokens/s | ratio to plain TP (median [min-max]) | "
-             "o_proj bytes / rank |", "|---|---|---|---|---|"]
+             "ratio to the round's two plain-TP runs, per round | o_proj bytes / rank |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
+        bracketed = r["ratio_to_bracketing_plain_tp"]
         table.append(f"| {r['workload']} ({r['input_len']} in / {r['output_len']} out) | "
                      f"{r['config']} | {r['tokens_per_s']:.1f} | {r['ratio_to_plain_tp']:.3f} "
                      f"[{r['ratio_min']:.3f}-{r['ratio_max']:.3f}] | "
-                     f"{r['o_proj_bytes_per_rank']:,} |")
+                     + (", ".join(f"{b:.3f}" for b in bracketed) if bracketed
+                        else "no control run")
+                     + f" | {r['o_proj_bytes_per_rank']:,} |")
     md = "\n".join(table)
     write_results(args.out, result, md, suffix=".md")
     print(md)

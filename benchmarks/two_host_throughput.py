@@ -111,7 +111,7 @@ def oproj_mode(flags: dict):
 def main_two_hosts(model: str, configs: list, workloads: dict, args, oproj_bytes) -> int:
     import statistics
 
-    from _world import machine_line, write_results
+    from _world import CONTROL, bracketed_ratios, machine_line, write_results
 
     from vllm_ascend_ext.config import DEFAULT_ADAPTIVE_TOKENS
     from vllm_ascend_ext.tools.planner.link_model import LinkModel
@@ -152,6 +152,10 @@ def main_two_hosts(model: str, configs: list, workloads: dict, args, oproj_bytes
             mode, threshold = oproj_mode(flags)
             comm = workload_comm(shape, args.tp, steps, mode, link, dbytes, dbytes, threshold)
             ratios = [r["tokens_per_s"] / p["tokens_per_s"] for r, p in zip(runs, plain)]
+            control = samples.get((workload, CONTROL))
+            bracketed = None if control is None else bracketed_ratios(
+                [r["tokens_per_s"] for r in runs], [p["tokens_per_s"] for p in plain],
+                [c["tokens_per_s"] for c in control])
             link_bytes = statistics.median(r["link_bytes"] for r in runs)
             per = "output_tokens" if workload == "decode" else "input_tokens"
             rows.append({
@@ -160,6 +164,7 @@ def main_two_hosts(model: str, configs: list, workloads: dict, args, oproj_bytes
                 "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
                 "ratio_to_plain_tp": statistics.median(ratios),
                 "ratio_min": min(ratios), "ratio_max": max(ratios),
+                "ratio_to_bracketing_plain_tp": bracketed,
                 "link_bytes": link_bytes,
                 "link_bytes_per_token": link_bytes / runs[0][per], "per": per,
                 "link_bytes_ratio_to_plain_tp": link_bytes / statistics.median(
@@ -180,13 +185,17 @@ def main_two_hosts(model: str, configs: list, workloads: dict, args, oproj_bytes
                       "the prediction takes compute from the plain-TP run of the same round set",
               "rows": rows}
     table = ["| workload | config | tokens/s | ratio to plain TP (median [min-max]) | "
+             "ratio to the round's two plain-TP runs, per round | "
              "predicted ratio | link bytes / token (vs plain TP) | predicted link bytes / "
-             "measured | o_proj bytes / rank |", "|---|---|---|---|---|---|---|---|"]
+             "measured | o_proj bytes / rank |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        bracketed = r.get("ratio_to_bracketing_plain_tp")
         table.append(
             f"| {r['workload']} ({r['input_len']} in / {r['output_len']} out) | {r['config']} | "
             f"{r['tokens_per_s']:.1f} | {r['ratio_to_plain_tp']:.3f} [{r['ratio_min']:.3f}-"
-            f"{r['ratio_max']:.3f}] | {r['predicted_ratio_to_plain_tp']:.3f} | "
+            f"{r['ratio_max']:.3f}] | "
+            f"{', '.join(f'{b:.3f}' for b in bracketed) if bracketed else 'no control run'} | "
+            f"{r['predicted_ratio_to_plain_tp']:.3f} | "
             f"{r['link_bytes_per_token']:,.0f} per {r['per'].split('_')[0]} token "
             f"({r['link_bytes_ratio_to_plain_tp']:.2f}x) | "
             f"{r['predicted_link_bytes'] / max(r['link_bytes'], 1):.3f} | "

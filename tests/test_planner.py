@@ -459,6 +459,24 @@ def test_throughput_benchmark_reports_each_configurations_o_proj_bytes(tiny_mode
         L * W // 2 + W)
 
 
+def test_throughput_benchmark_brackets_each_round_with_two_plain_tp_runs():
+    """The control (plain TP again) runs last in every round, and a
+    configuration's bracketed ratio divides by the mean of the round's first
+    and last plain-TP runs: drift across a round cancels."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from _world import CONTROL, bracketed_ratios
+    from bench_throughput import CONFIGS
+
+    assert CONFIGS[0] == ("plain TP", {}) and CONFIGS[-1] == (CONTROL, {})
+    # a round that slowed down linearly from 120 to 100 tok/s: a configuration
+    # run halfway at 110 is plain TP's equal, not 0.917x of it
+    assert bracketed_ratios([110.0], [120.0], [100.0]) == [1.0]
+    assert bracketed_ratios([99.0, 120.0], [100.0, 120.0], [100.0, 120.0]) == [0.99, 1.0]
+
+
 # (first layer, number of layers, prefetch step, pp size, pp rank) on 2 ranks
 TINY_CASES = [(0, 5, 1, 1, 0), (0, 5, 2, 1, 0), (0, 5, 3, 1, 0), (0, 5, 0, 1, 0),
               (3, 2, 1, 2, 1)]
