@@ -18,9 +18,7 @@
 # its session. So the unit lane sets its session's nice too
 # (/proc/self/autogroup); without that, `nice -n 10` left it an equal share
 # of the cores. Each line of output is prefixed with its lane; each lane's
-# wall time is printed at its end. With LANES_ENGINE_DONE set, the engine
-# lane touches that file when it ends (.ci/run then starts the next leg's
-# engines while the unit lane finishes).
+# wall time is printed at its end.
 set -uo pipefail
 
 if [[ $# -ne 2 ]]; then
@@ -44,7 +42,6 @@ run_lane() {  # run_lane NAME NICE COMMAND, as the leader of a new session
     nice -n "$2" bash -c "$3" || rc=$?
     printf '=== %s lane: rc=%d, %dm%02ds\n' "$1" "$rc" $(((SECONDS - t0) / 60)) \
         $(((SECONDS - t0) % 60))
-    if [[ $1 == engine && -n ${LANES_ENGINE_DONE:-} ]]; then touch "$LANES_ENGINE_DONE"; fi
     return "$rc"
 }
 export -f run_lane

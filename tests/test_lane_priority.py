@@ -124,22 +124,3 @@ def test_stopping_a_group_returns_once_every_member_is_gone():
         stop_process_group(proc, timeout=0.2)
         assert not process_group_alive(proc.pid)
 
-
-def test_the_engine_lane_says_when_it_is_done_while_the_unit_lane_runs(tmp_path):
-    """.ci/run starts the range leg's engines once leg 1's engine lane is done
-    (two multi-rank engines never at once), not once its unit lane is."""
-    done = tmp_path / "engine-lane-done"
-    env = dict(os.environ, LANES_ENGINE_DONE=str(done))
-    lanes = subprocess.Popen(["bash", str(ROOT / "scripts/lanes.sh"), "true",
-                              f"while [ ! -e {done} ]; do sleep 0.1; done; sleep 1"],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not done.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert done.exists()
-        assert lanes.poll() is None  # the unit lane is still running
-        assert lanes.wait(timeout=30) == 0
-    finally:
-        if lanes.poll() is None:
-            lanes.kill()
