@@ -123,4 +123,3 @@ def test_stopping_a_group_returns_once_every_member_is_gone():
         time.sleep(0.3)
         stop_process_group(proc, timeout=0.2)
         assert not process_group_alive(proc.pid)
-
