@@ -96,3 +96,8 @@ def bracketed_ratios(runs: list[float], first: list[float], last: list[float]) -
     the whole round in one direction cancels, where a ratio to the first run
     alone takes it for the configuration's own."""
     return [r / ((f + c) / 2) for r, f, c in zip(runs, first, last)]
+
+
+def bracketed_cell(bracketed: list[float] | None) -> str:
+    """A results table's cell for ``bracketed_ratios`` (None: no control ran)."""
+    return ", ".join(f"{b:.3f}" for b in bracketed) if bracketed else "no control run"

@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _world import CONTROL, ROOT, bracketed_ratios, child_env, machine_line, write_results
+from _world import (CONTROL, ROOT, bracketed_cell, bracketed_ratios, child_env, machine_line,
+                    write_results)
 
 PRESETS = {
     # name: (architecture, hidden layers, hidden size or None for the tiny default)
@@ -196,13 +197,11 @@ def main(argv=None) -> int:
              "ratio to the round's two plain-TP runs, per round | o_proj bytes / rank |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        bracketed = r["ratio_to_bracketing_plain_tp"]
         table.append(f"| {r['workload']} ({r['input_len']} in / {r['output_len']} out) | "
                      f"{r['config']} | {r['tokens_per_s']:.1f} | {r['ratio_to_plain_tp']:.3f} "
                      f"[{r['ratio_min']:.3f}-{r['ratio_max']:.3f}] | "
-                     + (", ".join(f"{b:.3f}" for b in bracketed) if bracketed
-                        else "no control run")
-                     + f" | {r['o_proj_bytes_per_rank']:,} |")
+                     f"{bracketed_cell(r['ratio_to_bracketing_plain_tp'])} | "
+                     f"{r['o_proj_bytes_per_rank']:,} |")
     md = "\n".join(table)
     write_results(args.out, result, md, suffix=".md")
     print(md)

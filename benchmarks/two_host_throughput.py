@@ -111,7 +111,7 @@ def oproj_mode(flags: dict):
 def main_two_hosts(model: str, configs: list, workloads: dict, args, oproj_bytes) -> int:
     import statistics
 
-    from _world import CONTROL, bracketed_ratios, machine_line, write_results
+    from _world import CONTROL, bracketed_cell, bracketed_ratios, machine_line, write_results
 
     from vllm_ascend_ext.config import DEFAULT_ADAPTIVE_TOKENS
     from vllm_ascend_ext.tools.planner.link_model import LinkModel
@@ -189,12 +189,11 @@ def main_two_hosts(model: str, configs: list, workloads: dict, args, oproj_bytes
              "predicted ratio | link bytes / token (vs plain TP) | predicted link bytes / "
              "measured | o_proj bytes / rank |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        bracketed = r.get("ratio_to_bracketing_plain_tp")
         table.append(
             f"| {r['workload']} ({r['input_len']} in / {r['output_len']} out) | {r['config']} | "
             f"{r['tokens_per_s']:.1f} | {r['ratio_to_plain_tp']:.3f} [{r['ratio_min']:.3f}-"
             f"{r['ratio_max']:.3f}] | "
-            f"{', '.join(f'{b:.3f}' for b in bracketed) if bracketed else 'no control run'} | "
+            f"{bracketed_cell(r.get('ratio_to_bracketing_plain_tp'))} | "
             f"{r['predicted_ratio_to_plain_tp']:.3f} | "
             f"{r['link_bytes_per_token']:,.0f} per {r['per'].split('_')[0]} token "
             f"({r['link_bytes_ratio_to_plain_tp']:.2f}x) | "
