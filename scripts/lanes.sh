@@ -19,7 +19,15 @@
 # (/proc/self/autogroup); without that, `nice -n 10` left it an equal share
 # of the cores. Each line of output is prefixed with its lane; each lane's
 # wall time is printed at its end.
+#
+# LANES_ENGINE_DONE=FILE: touch FILE as soon as the engine lane has ended
+# (.ci/run then starts the next leg's engine lane beside this leg's unit lane
+# tail). It is taken out of the environment first: a lane's command, or a
+# lanes.sh started by a test inside a lane, must never touch the caller's file.
 set -uo pipefail
+
+engine_done="${LANES_ENGINE_DONE:-}"
+unset LANES_ENGINE_DONE
 
 if [[ $# -ne 2 ]]; then
     echo "usage: $0 ENGINE-LANE-COMMAND UNIT-LANE-COMMAND" >&2
@@ -56,9 +64,9 @@ for i in 0 1; do
     pids+=($!)
 done
 failed=0
-for pid in "${pids[@]}"; do
-    wait "$pid" || failed=1
-done
+wait "${pids[0]}" || failed=1  # the engine lane
+[[ -n "$engine_done" ]] && touch "$engine_done"
+wait "${pids[1]}" || failed=1  # the unit lane
 pids=()
 wait  # the prefixing pipes
 exit "$failed"

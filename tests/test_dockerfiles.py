@@ -110,8 +110,8 @@ def test_cpu_stacks_are_the_tested_points_of_the_range():
     ci = (ROOT / ".ci" / "run").read_text()
 
     def runs(target: str, v: str) -> bool:
-        return bool(re.search(rf'^\s*leg "[^"]*" {target} VLLM_CPU={re.escape(v)}\b', ci,
-                              flags=re.M))
+        return bool(re.search(
+            rf'^\s*(?:\w+=\S+ )*leg "[^"]*" {target} VLLM_CPU={re.escape(v)}\b', ci, flags=re.M))
 
     for v in CPU_TESTED_VLLM:
         # `make test`, or its two lanes as separate legs
@@ -216,7 +216,7 @@ def test_cpu_image_runs_the_ci_install_script(cpu):
 
 def test_install_script_is_the_one_ci_uses():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert re.search(r'^leg "[^"]*" test\b', ci, flags=re.M)
+    assert re.search(r'^(?:\w+=\S+ )*leg "[^"]*" test\b', ci, flags=re.M)
     make = (ROOT / "Makefile").read_text()
     assert re.search(r"^test:.*\bvenv\b", make, flags=re.M)
     venv_recipe = re.search(r"^venv:.*\n((?:\t.*\n)+)", make, flags=re.M)

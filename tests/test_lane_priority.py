@@ -44,7 +44,8 @@ def _autogroup(pid: int | str = "self") -> tuple[str, int]:
 @needs_autogroup
 def test_the_unit_lane_runs_at_a_lower_priority_than_the_engine_lane():
     probe = "cat /proc/self/autogroup; nice"
-    out = subprocess.run(["bash", str(ROOT / "scripts/lanes.sh"), probe, probe],
+    env = {k: v for k, v in os.environ.items() if k != "LANES_ENGINE_DONE"}
+    out = subprocess.run(["bash", str(ROOT / "scripts/lanes.sh"), probe, probe], env=env,
                          capture_output=True, text=True, timeout=60, check=True).stdout
     seen = {}
     for lane in ("engine", "unit"):
@@ -57,6 +58,32 @@ def test_the_unit_lane_runs_at_a_lower_priority_than_the_engine_lane():
     assert engine_group != unit_group, out  # a session, and a scheduling group, each
     assert (engine_group_nice, unit_group_nice) == (0, 10), out
     assert unit_nice == min(19, engine_nice + 10), out
+
+
+def test_lanes_say_when_the_engine_lane_is_done_and_keep_the_file_to_themselves(tmp_path):
+    """``LANES_ENGINE_DONE`` (``.ci/run`` starts the range engines on it) is
+    touched once the engine lane has ended, while the unit lane still runs;
+    neither lane's command sees the variable, so a lanes.sh that a test runs
+    inside a lane can never touch CI's file (6bfcf86 let it through, and the
+    range engines started beside leg 1's)."""
+    done = tmp_path / "engine-lane-done"
+    engine = 'echo "seen=${LANES_ENGINE_DONE-unset}"'
+    # The unit lane ends only once the file is there (bounded: 30 s).
+    unit = (f'for i in $(seq 300); do [ -e "{done}" ] && break; sleep 0.1; done; '
+            f'[ -e "{done}" ] && echo "file-before-unit-end"; '
+            'echo "seen=${LANES_ENGINE_DONE-unset}"')
+    env = {**os.environ, "LANES_ENGINE_DONE": str(done)}
+    out = subprocess.run(["bash", str(ROOT / "scripts/lanes.sh"), engine, unit], env=env,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "[unit lane] file-before-unit-end" in out, out
+    assert out.count("seen=unset") == 2 and "seen=/" not in out, out
+
+
+def test_lanes_touch_no_file_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.delenv("LANES_ENGINE_DONE", raising=False)
+    subprocess.run(["bash", str(ROOT / "scripts/lanes.sh"), "true", "true"], cwd=tmp_path,
+                   capture_output=True, text=True, timeout=60, check=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 @needs_autogroup

@@ -151,11 +151,13 @@ def _served_counters(server) -> dict[str, float]:
     return counters
 
 
-def test_serve_mtp_with_oshared_flags(tiny_model, mtp_runs):
+def test_serve_mtp_with_oshared_flags(tiny_model, mtp_runs, engines):
     """``vllm serve --speculative-config`` with the FlashComm2 env flags: the
     served answers are plain TP's, and the server's own counters show the
-    draft accepted."""
-    from tests.e2e.harness import served_completion
+    draft accepted. The same server is the suite's DeepSeek-V3 server (once
+    its own case in test_serve.py): every kind of request answers, and its
+    answers on the harness's prompts are the offline plain TP2 engine's."""
+    from tests.e2e.harness import exercise_openai_api, make_prompts, served_completion
     from vllm_ascend_ext.tools.local_server import VllmServer, process_group_alive
 
     model = tiny_model(ARCH)
@@ -164,14 +166,25 @@ def test_serve_mtp_with_oshared_flags(tiny_model, mtp_runs):
     with server:
         served = [served_completion(server, ids, max_tokens=CONTINUATION_TOKENS)
                   for ids in mtp_prompts(model)]
+        # Read before other prompts: only the fitted ones are mostly accepted.
         counters = _served_counters(server)
+        exercise_openai_api(server)
+        served_plain_prompts = [served_completion(server, ids) for ids in make_prompts(str(model))]
         log = server.log_text()
     assert not process_group_alive(server.pgid), "vllm serve left processes behind"
     assert "FlashComm2 o_proj installed on 5 layers" in log
+    # The storage and its bytes per rank: plain TP's shards plus the ring.
+    assert "o_shared storage: tp_shard" in log
+    assert "TP-shard storage, 5 layers (0..4)" in log and "plain TP's o_proj" in log
     ref = mtp_runs(1)
     worst = assert_prompt_logprobs_close(ref.outputs, served,
                                          names=("offline plain TP2 + MTP", "served"))
     assert_greedy_close(ref.outputs, served, names=("offline plain TP2 + MTP", "served"))
     assert counters["num_drafts"] > 0, counters
     assert counters["num_accepted_tokens"] >= MIN_ACCEPTANCE * counters["num_drafts"], counters
-    print(f"\nserved MTP + o_shared: {counters}; gap vs offline plain {worst:.2e}")
+    plain = engines.run(ARCH, tp=2).outputs
+    worst_plain = assert_prompt_logprobs_close(plain, served_plain_prompts,
+                                               names=("offline plain TP2", "served"))
+    assert_greedy_close(plain, served_plain_prompts, names=("offline plain TP2", "served"))
+    print(f"\nserved MTP + o_shared: {counters}; gap vs offline plain + MTP {worst:.2e}, "
+          f"vs offline plain {worst_plain:.2e}")

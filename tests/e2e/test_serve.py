@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-
 import pytest
 
 from tests.e2e.harness import (
     arch_params,
     assert_greedy_close,
     assert_prompt_logprobs_close,
+    exercise_openai_api,
     flashcomm2_flags,
     make_prompts,
     served_completion,
@@ -19,54 +18,9 @@ from tests.e2e.harness import (
 from vllm_ascend_ext.tools.local_server import VllmServer, process_group_alive
 
 OSHARED_FLAGS = flashcomm2_flags(1, oshared=True)
-PROMPTS = [
-    "The river town woke slowly. Fishermen",
-    "Question: what is the capital of the valley? Answer:",
-    "Parallel work is faster when each worker",
-    "The quick brown fox",
-]
-
-
-def _exercise(server: VllmServer) -> None:
-    """Completions, chat, streaming and 32 concurrent requests: every kind of
-    request answers, and they agree with each other."""
-    import openai
-
-    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused")
-    model = server.model
-    texts = {}
-    for p in PROMPTS:
-        r = client.completions.create(model=model, prompt=p, max_tokens=12, temperature=0)
-        texts[p] = r.choices[0].text
-        assert r.usage.completion_tokens == 12 or r.choices[0].finish_reason == "stop"
-
-    chat = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Hello! How are you today?"}],
-        max_tokens=10, temperature=0)
-    texts["<chat>"] = chat.choices[0].message.content
-    assert chat.choices[0].message.role == "assistant"
-
-    stream = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=12,
-                                       temperature=0, stream=True)
-    streamed = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
-    assert streamed == texts[PROMPTS[0]], "streamed text differs from the non-streamed one"
-
-    def one(i: int) -> str:
-        c = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", timeout=300)
-        r = c.completions.create(model=model, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=8,
-                                 temperature=0)
-        return r.choices[0].text
-
-    with cf.ThreadPoolExecutor(max_workers=32) as pool:
-        results = list(pool.map(one, range(32)))
-    assert len(results) == 32 and all(isinstance(t, str) for t in results)
-    # Batched temperature-0 answers agree with the one-at-a-time answers'
-    # prefixes (max_tokens 8 vs 12).
-    for i, t in enumerate(results):
-        assert texts[PROMPTS[i % len(PROMPTS)]].startswith(t), (i, t)
-
-
-@pytest.mark.parametrize("arch", arch_params(["DeepseekV3ForCausalLM", "Qwen3ForCausalLM"]))
+# DeepSeek-V3 is served by test_mtp.py::test_serve_mtp_with_oshared_flags,
+# which makes these checks on its MTP server (one server fewer).
+@pytest.mark.parametrize("arch", arch_params(["Qwen3ForCausalLM"]))
 def test_serve_with_oshared_flags_matches_plain_tp(arch, tiny_model, engines):
     """The o_shared server's answers are plain TP's: prompt logprobs and greedy
     tokens of served token-id prompts against the offline plain TP=2 engine on
@@ -75,7 +29,7 @@ def test_serve_with_oshared_flags_matches_plain_tp(arch, tiny_model, engines):
     model = str(tiny_model(arch))
     server = VllmServer(model=model, tp=2, env=OSHARED_FLAGS)
     with server:
-        _exercise(server)
+        exercise_openai_api(server)
         served = [served_completion(server, ids) for ids in make_prompts(model)]
         log = server.log_text()
     assert not process_group_alive(server.pgid), "vllm serve left processes behind"
