@@ -83,9 +83,9 @@ def pytest_sessionstart(session):
 
 
 def _watch_servers() -> None:
-    """Count every ``vllm serve`` the run starts, on one host or two, and
-    note the init files their logs name when they stop."""
-    from tests.suite_hygiene import COUNTS, note_engine_log
+    """Count every ``vllm serve`` the run starts, on one host or two; when
+    one stops, note its log files and the init files they name."""
+    from tests.suite_hygiene import COUNTS, note_engine_log, note_server_logs
     from vllm_ascend_ext.tools.local_server import VllmServer
     from vllm_ascend_ext.tools.multinode.serve import TwoHostServer
 
@@ -98,13 +98,16 @@ def _watch_servers() -> None:
             try:
                 return original(self, *args, **kwargs)
             finally:
-                note_engine_log(logs(self))
+                paths = [p for p in logs(self) if p is not None]
+                note_engine_log("".join(p.read_text(errors="replace")
+                                        for p in paths if p.exists()))
+                note_server_logs(paths)
 
         stop._noted = True
         cls.stop = stop
 
-    noted(VllmServer, lambda server: server.log_text())
-    noted(TwoHostServer, lambda server: "".join(p.log_text() for p in server.processes))
+    noted(VllmServer, lambda server: [server.log_path])
+    noted(TwoHostServer, lambda server: [p.log_path for p in server.processes])
 
     def counted(cls, method: str, field: str) -> None:
         original = getattr(cls, method)
@@ -138,22 +141,26 @@ def pytest_sessionfinish(session, exitstatus):
                if before else [])
     sockets = suite_hygiene.remove_rpc_folder(
         getattr(session.config, "_vllm_ascend_ext_rpc_folder", None))
-    session.config._vllm_ascend_ext_report = (leftovers, removed, sockets)
-    suite_hygiene.write_counts(os.environ.get("VLLM_ASCEND_EXT_SUITE_STATS"))
     if leftovers:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    kept_logs = suite_hygiene.settle_server_logs(passed=session.exitstatus == 0)
+    session.config._vllm_ascend_ext_report = (leftovers, removed, sockets, kept_logs)
+    suite_hygiene.write_counts(os.environ.get("VLLM_ASCEND_EXT_SUITE_STATS"))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     from tests.suite_hygiene import COUNTS
 
-    leftovers, removed, sockets = getattr(config, "_vllm_ascend_ext_report", ([], [], 0))
+    leftovers, removed, sockets, kept_logs = getattr(config, "_vllm_ascend_ext_report",
+                                                     ([], [], 0, []))
     terminalreporter.write_line(f"started: {COUNTS.line()}")
     terminalreporter.write_line(
         f"removed {len(removed)} vLLM shared-memory segments / init files and {sockets} "
         "IPC sockets left by this run")
     for line in leftovers:
         terminalreporter.write_line(f"ERROR: process left behind (killed): {line}", red=True)
+    if kept_logs:  # a failed run keeps its servers' logs for reading
+        terminalreporter.write_line("server logs kept: " + " ".join(map(str, kept_logs)))
 
 
 @pytest.fixture(scope="session")

@@ -39,8 +39,10 @@ directory on ``sys.path`` and spawn children inherit ``sys.path``).
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue as queue_mod
+import signal
 import socket
 import subprocess
 import sys
@@ -49,6 +51,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import multiprocessing.util  # noqa: F401 - registers its exit handler before WORLDS.close's
 import torch.multiprocessing as mp
 
 __all__ = ["WORLDS", "WorkerError", "destroy_flashcomm2_groups_together", "free_port",
@@ -273,6 +276,27 @@ class _World:
         for p in self.procs:
             p.start()
 
+    # Between calls a world is stopped (SIGSTOP): each gloo process group has
+    # a transport thread that wakes every 10 ms, and a kept world holds a
+    # score of groups per member (vLLM's, FlashComm2's). Left running, a CI
+    # run's idle worlds woke some 35,000 times a second and took most of a
+    # core from the engines (measured in a cold run on the 2-core machine).
+    # Every message of a call has been read when it returns, so no member is
+    # stopped while the parent waits on it.
+    def _signal(self, sig: int) -> None:
+        for p in self.procs:
+            if p.pid is not None and p.exitcode is None:
+                try:
+                    os.kill(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    def pause(self) -> None:
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
     def call(self, fn: Callable[..., Any], args: tuple, timeout: float,
              tp_size: int | None) -> tuple[list, bool]:
         """Run ``fn`` on every rank with vLLM's groups at TP size ``tp_size``
@@ -280,6 +304,7 @@ class _World:
         be reused). Raises WorkerError / TimeoutError; the world is then dead."""
         self.calls += 1
         call_id = self.calls
+        self.resume()
         for q in self._tasks:
             q.put((call_id, fn, args, tp_size))
         size = self.spec.world_size
@@ -312,6 +337,7 @@ class _World:
         return [collected[r] for r in range(size)], reusable
 
     def close(self, kill: bool = False) -> None:
+        self.resume()
         if not kill:
             for q in self._tasks:
                 q.put(None)
@@ -352,6 +378,7 @@ class WorldPool:
         if fresh or not reusable:
             world.close()
             return results
+        world.pause()
         self._worlds[spec] = world  # now the most recently used
         while len(self._worlds) > self.keep:
             oldest = next(iter(self._worlds))
@@ -364,6 +391,10 @@ class WorldPool:
 
 
 WORLDS = WorldPool()
+# Before multiprocessing's own exit handler (registered earlier, so run
+# later), which would SIGTERM the members and wait: a stopped member only
+# takes that signal once continued.
+atexit.register(WORLDS.close)
 
 
 def load_vllm_kernels() -> bool:

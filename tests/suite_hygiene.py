@@ -15,6 +15,9 @@ finish).
   and leaves most of them behind (745 in one full run). Each run points
   its engines at a folder of its own, removed at its end.
 - Every process this run started must be gone at its end.
+- Each ``vllm serve`` (one host or two) writes its log to a file in the temp
+  folder; those of a run that passed are removed, those of a failed run are
+  kept for reading and named in the summary (524 had piled up here).
 - The engines, drivers and servers this run started are counted, so that
   ``.ci/run`` can report where a leg's time went.
 """
@@ -44,6 +47,24 @@ def note_engine_log(text: str) -> None:
     """Remember the init files (and with them the segments) that an engine
     or server this run started names in its log."""
     OWNED_INIT_IDS.update(_INIT_ID.findall(text))
+
+
+#: Logs of the servers this run stopped.
+SERVER_LOGS: list[Path] = []
+
+
+def note_server_logs(paths) -> None:
+    SERVER_LOGS.extend(Path(p) for p in paths if p is not None)
+
+
+def settle_server_logs(passed: bool) -> list[Path]:
+    """Remove the noted server logs if the run passed; return those kept."""
+    if not passed:
+        return [p for p in SERVER_LOGS if p.exists()]
+    for p in SERVER_LOGS:
+        p.unlink(missing_ok=True)
+    SERVER_LOGS.clear()
+    return []
 
 
 def _vllm_entries() -> set[Path]:

@@ -78,6 +78,19 @@ def test_a_legs_counts_add_up_across_its_pytest_runs(tmp_path):
     assert module.summarise(tmp_path / "missing.jsonl") == "(no pytest run reported)"
 
 
+def test_server_logs_go_when_the_run_passed_and_stay_when_it_failed(tmp_path, monkeypatch):
+    monkeypatch.setattr(suite_hygiene, "SERVER_LOGS", [])
+    logs = [tmp_path / "vllm-serve-a.log", tmp_path / "vllm-host0-b.log"]
+    for p in logs:
+        p.write_text("INFO ...")
+    suite_hygiene.note_server_logs([logs[0], None])
+    suite_hygiene.note_server_logs([logs[1], tmp_path / "already-gone.log"])
+    assert suite_hygiene.settle_server_logs(passed=False) == logs
+    assert all(p.exists() for p in logs)
+    assert suite_hygiene.settle_server_logs(passed=True) == []
+    assert not any(p.exists() for p in logs) and suite_hygiene.SERVER_LOGS == []
+
+
 def test_a_runs_ipc_sockets_go_to_a_folder_of_its_own_that_its_end_removes(monkeypatch):
     """vLLM leaves ZMQ IPC socket files in VLLM_RPC_BASE_PATH (745 in the
     temp folder after one full run); the run gives its engines a folder of
@@ -146,4 +159,48 @@ def test_a_worlds_members_die_with_the_process_that_started_them():
                  and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
+    assert not alive, f"world members outlived their starter: {alive}"
+
+
+def test_a_kept_world_is_stopped_between_calls():
+    """Each gloo group's transport thread wakes every 10 ms; a CI run's idle
+    kept worlds woke some 35,000 times a second and starved both lanes. A
+    kept world is stopped between calls and continued for the next."""
+    import psutil
+
+    from tests.dist_utils import run_distributed
+
+    first = run_distributed(member_pid, 2, init_vllm=False, timeout=240)
+    assert all(psutil.Process(pid).status() == psutil.STATUS_STOPPED for pid in first)
+    again = run_distributed(member_pid, 2, init_vllm=False, timeout=240)
+    assert again == first  # the same world, continued
+    assert all(psutil.Process(pid).status() == psutil.STATUS_STOPPED for pid in again)
+
+
+_EXITING_STARTER = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.dist_utils import run_distributed
+from tests.test_suite_hygiene import member_pid
+print(*run_distributed(member_pid, 2, init_vllm=False, timeout=240), flush=True)
+"""
+
+
+def test_a_starter_that_exits_with_stopped_worlds_ends_them():
+    """Without pytest's session end (a script, a plugin's early exit): the
+    exit continues the stopped members before multiprocessing's own exit
+    handler signals them and waits."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", _EXITING_STARTER.format(root=root)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    members = [int(pid) for pid in done.stdout.split()]
+    assert len(members) == 2
+    alive = [pid for pid in members if psutil.pid_exists(pid)
+             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"world members outlived their starter: {alive}"
