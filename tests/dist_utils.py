@@ -277,10 +277,10 @@ class _World:
             p.start()
 
     # Between calls a world is stopped (SIGSTOP): each gloo process group has
-    # a transport thread that wakes every 10 ms, and a kept world holds a
-    # score of groups per member (vLLM's, FlashComm2's). Left running, a CI
-    # run's idle worlds woke some 35,000 times a second and took most of a
-    # core from the engines (measured in a cold run on the 2-core machine).
+    # a transport thread that wakes every 10 ms, and a kept world's members
+    # hold 15-37 groups each (vLLM's, FlashComm2's). Left running, a cold CI
+    # run's idle worlds held 350-380 such threads, took 0.3-0.9 of a core on
+    # the 2-core machine, and crowded the unit lanes' own scheduling groups.
     # Every message of a call has been read when it returns, so no member is
     # stopped while the parent waits on it.
     def _signal(self, sig: int) -> None:
