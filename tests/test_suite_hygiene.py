@@ -166,15 +166,26 @@ def test_a_kept_world_is_stopped_between_calls():
     """Each gloo group's transport thread wakes every 10 ms; a CI run's idle
     kept worlds woke some 35,000 times a second and starved both lanes. A
     kept world is stopped between calls and continued for the next."""
+    import time
+
     import psutil
 
     from tests.dist_utils import run_distributed
 
+    def stopped(pids) -> bool:
+        # SIGSTOP takes effect asynchronously: wait for it, within a bound.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if all(psutil.Process(pid).status() == psutil.STATUS_STOPPED for pid in pids):
+                return True
+            time.sleep(0.05)
+        return False
+
     first = run_distributed(member_pid, 2, init_vllm=False, timeout=240)
-    assert all(psutil.Process(pid).status() == psutil.STATUS_STOPPED for pid in first)
+    assert stopped(first)
     again = run_distributed(member_pid, 2, init_vllm=False, timeout=240)
     assert again == first  # the same world, continued
-    assert all(psutil.Process(pid).status() == psutil.STATUS_STOPPED for pid in again)
+    assert stopped(again)
 
 
 _EXITING_STARTER = """
